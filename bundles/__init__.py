@@ -1,0 +1,1 @@
+"""Bundle templates and the runtime code (``bundles/scripts``) that ships inside every emitted bundle."""

@@ -1,0 +1,47 @@
+"""Shared fixtures: small synthetic datasets and the (optional) shared reference data."""
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+HIPPOCAMPUS = SHARED / "data" / "Dataset004_Hippocampus"
+HIPPOCAMPUS_PLANS = SHARED / "reference" / "nnunet_plans" / "Dataset004_Hippocampus"
+
+sys.path.insert(0, str(ROOT))
+
+requires_shared = pytest.mark.skipif(
+    not (HIPPOCAMPUS.is_dir() and HIPPOCAMPUS_PLANS.is_dir()),
+    reason="../shared (Dataset004_Hippocampus and nnU-Net's reference plans) is not present beside the repo",
+)
+
+
+def folder_digest(folder: Path) -> str:
+    """Hash of every file's relative path and bytes: proves a folder was left untouched."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def synthetic_mr(tmp_path_factory):
+    """Six small 2-channel MR cases with 2 structures, anisotropic spacing; never modified by tests."""
+    from autoplan.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("raw") / "Dataset901_MR", cases=6, shape=(32, 28, 12),
+                                  spacing=(0.8, 0.8, 3.0), channels=2, labels=2, test_cases=1, seed=1)
+
+
+@pytest.fixture
+def dataset_copy(synthetic_mr, tmp_path):
+    """A private copy of the synthetic dataset that a test may break."""
+    dst = tmp_path / synthetic_mr.name
+    shutil.copytree(synthetic_mr, dst)
+    return dst

@@ -1,0 +1,176 @@
+"""Every bad input that ``verify`` must catch: a clear message naming the file, exit 2, untouched input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ROOT, folder_digest
+from autoplan.fingerprint import extract_fingerprint
+from autoplan.dataset import DatasetError
+from autoplan.verify import verify_dataset
+
+
+def rewrite(path: Path, change_array=None, spacing=None, origin=None, direction=None):
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image)
+    new = sitk.GetImageFromArray(change_array(array) if change_array else array)
+    new.SetSpacing(spacing or image.GetSpacing())
+    new.SetOrigin(origin or image.GetOrigin())
+    new.SetDirection(direction or image.GetDirection())
+    sitk.WriteImage(new, str(path))
+
+
+def cli_verify(folder):
+    return subprocess.run([sys.executable, "-m", "autoplan", "verify", str(folder), "--processes", "1"],
+                          capture_output=True, text=True, cwd=str(ROOT))
+
+
+def assert_rejected(folder, *fragments):
+    """The report and the CLI both name the problem; the folder is not modified."""
+    before = folder_digest(folder)
+    report = verify_dataset(folder, processes=1)
+    text = "\n".join(report.problems)
+    assert not report.ok
+    for fragment in fragments:
+        assert fragment in text, text
+    result = cli_verify(folder)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+    with pytest.raises(DatasetError):
+        extract_fingerprint(folder, processes=1)
+    assert folder_digest(folder) == before
+    return report
+
+
+def test_clean_dataset_passes(synthetic_mr):
+    report = verify_dataset(synthetic_mr, processes=2)
+    assert report.ok, report.problems
+    assert report.num_cases == 6
+    assert cli_verify(synthetic_mr).returncode == 0
+
+
+def test_missing_channel_file(dataset_copy):
+    (dataset_copy / "imagesTr" / "case_002_0001.nii.gz").unlink()
+    assert_rejected(dataset_copy, "case_002_0001.nii.gz", "missing channel 1")
+
+
+def test_undeclared_channel_file(dataset_copy):
+    src = dataset_copy / "imagesTr" / "case_002_0001.nii.gz"
+    (dataset_copy / "imagesTr" / "case_002_0002.nii.gz").write_bytes(src.read_bytes())
+    assert_rejected(dataset_copy, "case_002_0002.nii.gz", "not declared")
+
+
+def test_missing_label_file(dataset_copy):
+    (dataset_copy / "labelsTr" / "case_001.nii.gz").unlink()
+    assert_rejected(dataset_copy, "case_001.nii.gz", "label file missing")
+
+
+def test_undeclared_label_values(dataset_copy):
+    rewrite(dataset_copy / "labelsTr" / "case_003.nii.gz", lambda a: np.where(a == 2, 7, a).astype(a.dtype))
+    assert_rejected(dataset_copy, "case_003.nii.gz", "[7]", "not declared")
+
+
+def test_non_consecutive_labels_in_dataset_json(dataset_copy):
+    spec = json.loads((dataset_copy / "dataset.json").read_text())
+    spec["labels"] = {"background": 0, "structure_1": 1, "structure_2": 3}
+    (dataset_copy / "dataset.json").write_text(json.dumps(spec))
+    assert_rejected(dataset_copy, "dataset.json", "consecutive")
+
+
+def test_wrong_num_training(dataset_copy):
+    spec = json.loads((dataset_copy / "dataset.json").read_text())
+    spec["numTraining"] = 9
+    (dataset_copy / "dataset.json").write_text(json.dumps(spec))
+    assert_rejected(dataset_copy, "numTraining is 9 but 6")
+
+
+def test_shape_mismatch_between_image_and_label(dataset_copy):
+    rewrite(dataset_copy / "labelsTr" / "case_000.nii.gz", lambda a: a[:, :-2])
+    assert_rejected(dataset_copy, "case_000.nii.gz", "shape")
+
+
+def test_shape_mismatch_between_channels(dataset_copy):
+    rewrite(dataset_copy / "imagesTr" / "case_004_0001.nii.gz", lambda a: a[1:])
+    assert_rejected(dataset_copy, "case_004", "differ in shape")
+
+
+@pytest.mark.parametrize("attribute,value", [("spacing", (0.8, 0.8, 2.0)), ("origin", (5.0, 5.0, 5.0)),
+                                             ("direction", (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))])
+def test_geometry_mismatch_between_label_and_image(dataset_copy, attribute, value):
+    rewrite(dataset_copy / "labelsTr" / "case_005.nii.gz", **{attribute: value})
+    assert_rejected(dataset_copy, "case_005.nii.gz", attribute)
+
+
+def test_geometry_mismatch_between_channels(dataset_copy):
+    rewrite(dataset_copy / "imagesTr" / "case_001_0001.nii.gz", origin=(9.0, 9.0, 9.0))
+    assert_rejected(dataset_copy, "case_001_0001.nii.gz", "origin")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_in_image(dataset_copy, bad):
+    def poison(a):
+        a = a.copy()
+        a[1, 1, 1] = bad
+        return a
+    rewrite(dataset_copy / "imagesTr" / "case_002_0000.nii.gz", poison)
+    assert_rejected(dataset_copy, "case_002_0000.nii.gz", "NaN or Inf")
+
+
+def test_truncated_file(dataset_copy):
+    path = dataset_copy / "imagesTr" / "case_003_0000.nii.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    assert_rejected(dataset_copy, "case_003_0000.nii.gz", "unreadable or truncated")
+
+
+def test_not_an_image(dataset_copy):
+    (dataset_copy / "labelsTr" / "case_004.nii.gz").write_text("hello")
+    assert_rejected(dataset_copy, "case_004.nii.gz", "unreadable")
+
+
+def test_invalid_dataset_json(dataset_copy):
+    (dataset_copy / "dataset.json").write_text("{not json")
+    assert_rejected(dataset_copy, "dataset.json", "not valid JSON")
+
+
+def test_dataset_json_missing_keys_and_v1_labels(dataset_copy):
+    (dataset_copy / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a"}}))
+    report = assert_rejected(dataset_copy, "'numTraining' is missing", "'file_ending' is missing", "nnU-Net v1")
+    assert len(report.problems) >= 3
+
+
+def test_all_problems_reported_in_one_run(dataset_copy):
+    (dataset_copy / "imagesTr" / "case_002_0001.nii.gz").unlink()
+    rewrite(dataset_copy / "labelsTr" / "case_003.nii.gz", lambda a: np.where(a == 2, 5, a).astype(a.dtype))
+    report = assert_rejected(dataset_copy, "case_002_0001", "case_003.nii.gz")
+    assert len(report.problems) == 2
+
+
+def test_empty_label_map_is_only_a_warning(dataset_copy):
+    rewrite(dataset_copy / "labelsTr" / "case_000.nii.gz", lambda a: np.zeros_like(a))
+    report = verify_dataset(dataset_copy, processes=1)
+    assert report.ok
+    assert any("case_000.nii.gz" in w and "no foreground" in w for w in report.warnings)
+    result = cli_verify(dataset_copy)
+    assert result.returncode == 0 and "no foreground" in result.stderr
+
+
+def test_ignore_label_is_allowed(dataset_copy):
+    spec = json.loads((dataset_copy / "dataset.json").read_text())
+    spec["labels"]["ignore"] = 3
+    (dataset_copy / "dataset.json").write_text(json.dumps(spec))
+    rewrite(dataset_copy / "labelsTr" / "case_000.nii.gz", lambda a: np.where(a == 0, 3, a).astype(a.dtype))
+    assert verify_dataset(dataset_copy, processes=1).ok
+
+
+def test_ignore_label_must_follow_the_others(dataset_copy):
+    spec = json.loads((dataset_copy / "dataset.json").read_text())
+    spec["labels"]["ignore"] = 5
+    (dataset_copy / "dataset.json").write_text(json.dumps(spec))
+    assert_rejected(dataset_copy, "'ignore' label must be max(other labels) + 1")
