@@ -1,0 +1,273 @@
+"""Emit one self-contained MONAI Bundle per configuration and fold from a plans file (ours or nnU-Net's).
+
+The structure of every config lives in ``bundles/templates``; this module fills in the plan-specific top-level ids
+(patch size, batch size, cases of the fold, augmentation settings derived from the plan as nnU-Net derives them),
+copies the runtime ``bundles/scripts`` into the bundle and writes metadata and docs. A bundle never imports
+``autoplan``, and every path in it is relative to ``bundle_root`` except ``dataset_dir``, which is an override.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+from autoplan.dataset import DatasetError, load_dataset, parse_labels
+from autoplan.files import write_json_atomic
+from autoplan.splits import fold_cases, kfold_splits, load_splits
+from bundles.scripts.data import initial_patch_size
+from bundles.scripts.preprocessing import resolve_configuration
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+TEMPLATES = BUNDLES / "templates"
+SCRIPTS = BUNDLES / "scripts"
+BUNDLE_VERSION = "0.1.0"
+SUPPORTED = ("2d", "3d_fullres", "3d_lowres")
+
+
+def augmentation_settings(patch_size: list[int]) -> dict:
+    """Rotation range, dummy-2D and mirroring as nnU-Net derives them from the patch (spec 5.4)."""
+    two_d = len(patch_size) == 2
+    if two_d:
+        rotation = math.pi if max(patch_size) / min(patch_size) <= 1.5 else 15 / 360 * 2 * math.pi
+        dummy_2d, mirror_axes = False, [0, 1]
+    else:
+        dummy_2d = max(patch_size) / patch_size[0] > 3
+        rotation = math.pi if dummy_2d else 30 / 360 * 2 * math.pi
+        mirror_axes = [0, 1, 2]
+    return {"two_d": two_d, "dummy_2d": dummy_2d, "rotation": rotation, "mirror_axes": mirror_axes}
+
+
+def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fold, train: list, val: list) -> dict:
+    """The top-level ids shared by train.json and inference.json for one bundle."""
+    config = resolve_configuration(plans, configuration)
+    labels = parse_labels(spec["labels"], spec.get("regions_class_order"))
+    patch = [int(p) for p in config["patch_size"]]
+    augmentation = augmentation_settings(patch)
+    n_stages = config["architecture"]["arch_kwargs"]["n_stages"]
+    return {
+        "dataset_dir": str(raw_dir.resolve()),
+        "configuration": configuration,
+        "fold": fold,
+        "train_cases": train,
+        "val_cases": val,
+        "labels": spec["labels"],
+        "file_ending": spec["file_ending"],
+        "num_channels": len(spec.get("channel_names", spec.get("modality", {}))),
+        "num_classes": labels.num_outputs,
+        "foreground_labels": labels.foreground_labels,
+        "ignore_label": labels.ignore_label,
+        "patch_size": patch,
+        "initial_patch_size": initial_patch_size(patch, augmentation["rotation"], augmentation["dummy_2d"]),
+        "batch_size": int(config["batch_size"]),
+        "batch_dice": bool(config["batch_dice"]),
+        "ds_outputs": n_stages - 1 if n_stages >= 3 else 1,
+        **augmentation,
+    }
+
+
+def _template(name: str) -> dict:
+    return json.loads((TEMPLATES / name).read_text())
+
+
+def _with_values(template: dict, values: dict) -> dict:
+    return {k: values.get(k, v) for k, v in template.items()} | {k: v for k, v in values.items() if k not in template}
+
+
+def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: dict) -> dict:
+    import monai
+    import numpy
+    import torch
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package):
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    channels = spec.get("channel_names", spec.get("modality", {}))
+    config = resolve_configuration(plans, configuration)
+    divisors = [2 ** sum(1 for s in config["architecture"]["arch_kwargs"]["strides"] if s[d] == 2)
+                for d in range(len(values["patch_size"]))]
+    spatial = [f"{d}*n" for d in divisors]
+    is_ct = any(str(c).casefold() == "ct" for c in channels.values())
+    out_names = {str(v): k for k, v in spec["labels"].items() if k != "ignore" and not isinstance(v, list)}
+    packages = {p: installed(p) for p in ("nibabel", "pytorch-ignite", "scipy", "SimpleITK", "matplotlib",
+                                          "tensorboard", "mlflow")}
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
+        "version": BUNDLE_VERSION,
+        "changelog": {BUNDLE_VERSION: f"emitted by autoplan from {plans['plans_name']} ({configuration})"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "required_packages_version": {k: v for k, v in packages.items() if v},
+        "name": name,
+        "task": f"{spec.get('name', plans['dataset_name'])} segmentation ({configuration}, fold {values['fold']})",
+        "description": f"nnU-Net-style {configuration} segmentation of {plans['dataset_name']}, planned by "
+                       f"autoplan with {plans['experiment_planner_used']}; fold {values['fold']}.",
+        "authors": "autoplan (generated bundle)",
+        "copyright": "Copyright (c) the bundle's users; generated by autoplan",
+        "data_source": spec.get("reference", spec.get("name", "")),
+        "data_type": spec.get("file_ending", ""),
+        "intended_use": "Research only. Not for clinical use.",
+        "references": ["Isensee et al. nnU-Net. Nature Methods 18, 203-211 (2021)"],
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "hounsfield" if is_ct else "magnitude",
+                "modality": "CT" if is_ct else "MR", "num_channels": values["num_channels"],
+                "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
+                "channel_def": {str(k): v for k, v in channels.items()}}},
+            "outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": values["num_classes"],
+                "spatial_shape": spatial, "dtype": "float32", "value_range": [0, max(values["foreground_labels"])],
+                "is_patch_data": True, "channel_def": dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))}},
+        },
+    }
+
+
+def _readme(name: str, spec: dict, plans: dict, configuration: str, values: dict) -> str:
+    config = resolve_configuration(plans, configuration)
+    kw = config["architecture"]["arch_kwargs"]
+    network = config["architecture"]["network_class_name"].rsplit(".", 1)[-1]
+    spacing = " x ".join(f"{s:.3g}" for s in config["spacing"])
+    return f"""# {name}
+
+A MONAI Bundle emitted by autoplan: nnU-Net v2's `{configuration}` configuration of
+`{plans['dataset_name']}`, cross-validation fold {values['fold']} ({len(values['train_cases'])} training cases,
+{len(values['val_cases'])} validation cases).
+
+## The dataset
+{spec.get('description', spec.get('name', ''))}
+
+Channels: {', '.join(f"{k}: {v}" for k, v in spec.get('channel_names', {}).items())}.
+Labels: {', '.join(f"{k} = {v}" for k, v in spec['labels'].items())}. Licence: {spec.get('licence', 'see the data source')}.
+
+## The plan in plain words
+Images are transposed by {plans['transpose_forward']}, cropped to their non-zero region, normalized per channel
+({', '.join(config['normalization_schemes'])}) and resampled to {spacing} mm. The network
+({network}, {kw['n_stages']} stages, features {kw['features_per_stage']}) sees patches of
+{' x '.join(map(str, values['patch_size']))} voxels, {values['batch_size']} per batch, with deep supervision and
+Dice + cross-entropy loss{' (batch Dice)' if values['batch_dice'] else ''}. Training follows nnU-Net: SGD (lr 0.01,
+Nesterov momentum 0.99, weight decay 3e-5) with poly decay, 1000 epochs of 250 iterations, one third of each batch
+centred on foreground, nnU-Net's augmentation{' (dummy 2-D: in-plane rotation)' if values['dummy_2d'] else ''}.
+Inference uses a sliding window (overlap 0.5, Gaussian weighting) with mirroring test-time augmentation.
+
+## Train
+From this folder:
+
+    python -m monai.bundle run training --config_file configs/train.json
+    python -m monai.bundle run training --config_file configs/train.json --epochs 2 --iterations_per_epoch 5
+    python -m monai.bundle run training --config_file configs/train.json --dataset_dir /path/to/Dataset --tracking mlflow
+    torchrun --nproc_per_node=2 -m monai.bundle run training --config_file "['configs/train.json','configs/multi_gpu_train.json']"
+
+Training resumes from `models/checkpoint_latest.pt` when interrupted. Outputs: `models/model.pt` (final weights,
+used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
+the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
+`../preprocessed/` (shared by the folds; override `--cache_dir`).
+
+## Infer
+
+    python -m monai.bundle run --config_file configs/inference.json --dataset_dir /path/to/imagesTs --output_dir out
+
+`--use_tta False` disables mirroring; `--save_probabilities True` also writes `CASE.npz` for ensembling. Inputs are
+folders of `CASE_XXXX{values['file_ending']}` files (one per channel), or a single image file.
+
+## Deploy
+`configs/inference.json` has the standard ids (`network_def`, `preprocessing`, `inferer`, `postprocessing`) and
+`configs/metadata.json` the `image`/`pred` formats, so MONAI Label can serve the bundle from its `model/` folder and
+MONAI Deploy's bundle operator can load it. `python -m monai.bundle ckpt_export network_def --filepath models/model.ts
+--ckpt_file models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json --use_trace True
+--input_shape "[1, {values['num_channels']}, {', '.join(map(str, values['patch_size']))}]"` writes a TorchScript model.
+"""
+
+
+MIT_LICENSE = """MIT License
+
+Copyright (c) the users of this bundle
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software and associated
+documentation files (the "Software"), to deal in the Software without restriction, including without limitation the
+rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies of the Software, and to permit
+persons to whom the Software is furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or substantial portions of the
+Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT LIMITED TO THE
+WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR
+COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
+OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+"""
+
+
+def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: str, values: dict) -> Path:
+    """Write one bundle folder atomically: built in a temp folder, then renamed into place."""
+    target = out / name
+    if target.exists():
+        raise FileExistsError(f"{target}: bundle already exists (remove it, or emit into another folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
+    try:
+        configs = tmp / "configs"
+        configs.mkdir()
+        train_values = dict(values)
+        (configs / "train.json").write_text(json.dumps(_with_values(_template("train.json"), train_values), indent=4))
+        infer_keys = set(_template("inference.json"))
+        infer_values = {k: v for k, v in values.items() if k in infer_keys}
+        infer_values["dataset_dir"] = str(Path(values["dataset_dir"]) / "imagesTs")
+        (configs / "inference.json").write_text(json.dumps(_with_values(_template("inference.json"), infer_values),
+                                                           indent=4))
+        for extra in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
+            shutil.copyfile(TEMPLATES / extra, configs / extra)
+        (configs / "plans.json").write_text(json.dumps(plans, indent=4))
+        (configs / "dataset.json").write_text(json.dumps(spec, indent=4))
+        (configs / "metadata.json").write_text(json.dumps(_metadata(name, spec, plans, configuration, values),
+                                                          indent=4))
+        shutil.copytree(SCRIPTS, tmp / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (tmp / "docs").mkdir()
+        (tmp / "docs" / "README.md").write_text(_readme(name, spec, plans, configuration, values))
+        if spec.get("licence") or spec.get("license"):
+            (tmp / "docs" / "data_license.txt").write_text(str(spec.get("licence") or spec.get("license")) + "\n")
+        (tmp / "LICENSE").write_text(MIT_LICENSE)
+        (tmp / "models").mkdir()
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), splits_file=None) -> list[Path]:
+    """Emit bundles for the chosen configurations and folds; writes ``out/splits_final.json`` too."""
+    plans = json.loads(Path(plans_file).read_text())
+    raw_dir, out = Path(raw_dir), Path(out)
+    dataset = load_dataset(raw_dir)
+    if dataset.problems:
+        raise DatasetError(dataset.problems, dataset.warnings)
+    if dataset.labels.has_regions:
+        raise DatasetError([f"{dataset.json_path}: region-based labels are not supported by the bundles yet"])
+    case_ids = [c.identifier for c in dataset.cases]
+    available = list(plans["configurations"])
+    configurations = list(configurations or [c for c in available if c in SUPPORTED])
+    for c in configurations:
+        if c not in available:
+            raise ValueError(f"{plans_file}: has no configuration '{c}' (has {', '.join(available)})")
+        if c not in SUPPORTED:
+            raise ValueError(f"configuration '{c}' is not supported by the bundles yet (supported: {SUPPORTED})")
+    folds = [folds] if isinstance(folds, (int, str)) else list(folds)
+    splits_path = Path(splits_file) if splits_file else raw_dir / "splits_final.json"
+    splits = load_splits(splits_path, case_ids) if splits_path.is_file() else kfold_splits(case_ids)
+    write_json_atomic(out / "splits_final.json", splits)
+    written = []
+    for configuration in configurations:
+        for fold in folds:
+            train, val = fold_cases(splits, fold, case_ids)
+            values = bundle_values(plans, configuration, dataset.spec, raw_dir, fold, train, val)
+            name = f"{plans['dataset_name']}_{configuration}_fold{fold}"
+            written.append(write_bundle(out, name, plans, dataset.spec, configuration, values))
+    return written

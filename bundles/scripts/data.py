@@ -1,0 +1,287 @@
+"""Training data: the per-configuration preprocessing cache and nnU-Net's patch sampling (spec 4 and 5.3).
+
+Preprocessing runs once per configuration: each case is written atomically to ``cache_dir`` (shared by all folds)
+and skipped when already there. Patches are then cut from memory-mapped arrays, so an epoch costs no resampling.
+MONAI's crop samplers cannot express nnU-Net's "the last third of every batch is forced onto foreground", so the
+sampler below implements it; augmentation stays with MONAI transforms applied afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import LoadImage
+
+from .preprocessing import PlanSettings, preprocess_case, spacing_from_meta, to_nnunet_order
+
+MAX_LOCATIONS = 10000
+LOCATION_SEED = 1234
+
+
+# --- finding cases ---------------------------------------------------------------------------------------------
+def list_cases(images_dir, file_ending: str, num_channels: int, labels_dir=None, cases=None) -> list[dict]:
+    """``[{"case", "image": [channel files], "label"?}]`` for ``CASE_XXXX<ending>`` files, sorted by case.
+
+    A single file that does not follow the channel naming (e.g. one image handed over by MONAI Label) is its own case.
+    """
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
+    found: dict[str, dict[int, str]] = {}
+    for path in sorted(glob.glob(os.path.join(str(images_dir), f"*{file_ending}"))):
+        name = os.path.basename(path)
+        if name.startswith("."):
+            continue
+        match = pattern.match(name)
+        if match:
+            found.setdefault(match.group(1), {})[int(match.group(2))] = path
+    items = []
+    for case, channels in sorted(found.items()):
+        if cases is not None and case not in cases:
+            continue
+        missing = [c for c in range(num_channels) if c not in channels]
+        if missing:
+            raise FileNotFoundError(f"{images_dir}: case '{case}' lacks channel file(s) {missing}")
+        item = {"case": case, "image": [channels[c] for c in range(num_channels)]}
+        if labels_dir is not None:
+            item["label"] = os.path.join(str(labels_dir), case + file_ending)
+        items.append(item)
+    if cases is not None:
+        absent = sorted(set(cases) - {i["case"] for i in items})
+        if absent:
+            raise FileNotFoundError(f"{images_dir}: no images for case(s) {absent[:10]}")
+    return items
+
+
+def case_name(metadict: dict, saver=None) -> dict:
+    """``SaveImaged`` name formatter: ``CASE_0000.nii.gz`` (or ``CASE.nii.gz``) is saved as ``CASE.nii.gz``."""
+    source = metadict.get("filename_or_obj", "case")
+    source = source[0] if isinstance(source, (list, tuple)) else source
+    name = os.path.basename(str(source))
+    for ending in (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".tif", ".tiff", ".bmp", ".gipl"):
+        if name.endswith(ending):
+            name = name[: -len(ending)]
+            break
+    return {"subject": re.sub(r"_\d{4}$", "", name), "idx": None}
+
+
+def load_case(image_files, label_file=None):
+    """Read a case with MONAI's loader into nnU-Net order: (data (C,z,y,x), seg (1,z,y,x) or None, spacing)."""
+    loader = LoadImage(image_only=True, ensure_channel_first=True)
+    channels = [loader(f) for f in image_files]
+    spacing_xyz = spacing_from_meta(channels[0])
+    data, spacing = to_nnunet_order(np.concatenate([np.asarray(c) for c in channels]), spacing_xyz)
+    seg = None
+    if label_file is not None:
+        seg, _ = to_nnunet_order(np.asarray(loader(label_file)), spacing_xyz)
+        seg = np.rint(seg).astype(np.int16)
+    return data.astype(np.float32), seg, spacing
+
+
+# --- preprocessing cache ---------------------------------------------------------------------------------------
+def cache_folder(cache_root, data_identifier: str, plan: PlanSettings) -> Path:
+    """A cache per configuration; the name changes whenever a preprocessing setting changes."""
+    digest = hashlib.sha256(json.dumps(asdict(plan), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cache_root) / f"{data_identifier}_{digest}"
+
+
+def foreground_locations(seg: np.ndarray, labels: list, rng: np.random.RandomState,
+                         ignore_label: int | None = None) -> dict:
+    """Up to 10,000 (at least 1 %) voxel coordinates per foreground label, for forced-foreground sampling.
+
+    With an ignore label, the key ``annotated`` holds voxels that are not ignored (sparse annotation), as nnU-Net's
+    extra class-location key does.
+    """
+    locations = {}
+    keys = list(labels) + (["annotated"] if ignore_label is not None else [])
+    for label in keys:
+        mask = seg[0] != ignore_label if label == "annotated" else np.isin(seg[0], label)
+        coords = np.argwhere(mask)
+        if len(coords):
+            n = max(min(MAX_LOCATIONS, len(coords)), int(np.ceil(0.01 * len(coords))))
+            coords = coords[rng.choice(len(coords), n, replace=False)] if n < len(coords) else coords
+        locations[str(label)] = coords.astype(np.int32)
+    return locations
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def preprocess_to_cache(datalist: list[dict], plans: dict, configuration: str, cache_root, foreground_labels: list,
+                        ignore_label: int | None = None, num_workers: int = 0) -> Path:
+    """Preprocess every listed case not yet in the cache. Returns the cache folder."""
+    plan = PlanSettings.from_plans(plans, configuration)
+    from .preprocessing import resolve_configuration
+
+    folder = cache_folder(cache_root, resolve_configuration(plans, configuration)["data_identifier"], plan)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [item for item in datalist if not (folder / f"{item['case']}.json").is_file()]
+    jobs = [(item, plan, foreground_labels, ignore_label, str(folder)) for item in todo]
+    if num_workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(num_workers, len(jobs))) as pool:
+            list(pool.imap_unordered(_preprocess_job, jobs))
+    else:
+        for job in jobs:
+            _preprocess_job(job)
+    return folder
+
+
+def _preprocess_job(job):
+    item, plan, foreground_labels, ignore_label, folder = job
+    folder = Path(folder)
+    data, seg, spacing = load_case(item["image"], item.get("label"))
+    data, seg, props = preprocess_case(data, spacing, plan, seg)
+    seg = seg.astype(np.int8 if seg.max() <= 127 else np.int16)
+    locations = foreground_locations(seg, foreground_labels, np.random.RandomState(LOCATION_SEED), ignore_label)
+    _save_npy_atomic(folder / f"{item['case']}_data.npy", data)
+    _save_npy_atomic(folder / f"{item['case']}_seg.npy", seg)
+    tmp = folder / f".{item['case']}_locations.{os.getpid()}.npz"
+    np.savez(tmp, **locations)
+    os.replace(tmp, folder / f"{item['case']}_locations.npz")
+    props["case"] = item["case"]
+    text = json.dumps(props)
+    tmp = folder / f".{item['case']}.{os.getpid()}.json"
+    tmp.write_text(text)
+    os.replace(tmp, folder / f"{item['case']}.json")  # written last: marks the case complete
+
+
+def _preprocess_once(data, plans, configuration, cache_root, foreground_labels, ignore_label, num_workers) -> Path:
+    """Under DDP only rank 0 preprocesses; the others wait for it, then find every case cached."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()
+    folder = preprocess_to_cache(data, plans, configuration, cache_root, foreground_labels, ignore_label, num_workers)
+    if distributed and torch.distributed.get_rank() == 0:
+        torch.distributed.barrier()
+    return folder
+
+
+# --- patch sampling --------------------------------------------------------------------------------------------
+def initial_patch_size(patch_size, rotation_max: float, dummy_2d: bool = False) -> list[int]:
+    """The enlarged patch cut before rotation/scaling so that the centre crop has no empty corners (spec 5.4).
+
+    The patch's extent vector is rotated by the largest angle (capped at 90 degrees) about each axis in turn, as a row
+    vector times the rotation matrix; the elementwise maximum of the absolute extents is divided by 0.85.
+    """
+    if dummy_2d:  # rotation happens in-plane only; the slice axis keeps its size
+        return [int(patch_size[0])] + initial_patch_size(patch_size[1:], rotation_max)
+    angle = min(abs(rotation_max), np.pi / 2)
+    c, s = np.cos(angle), np.sin(angle)
+    coords = np.array(patch_size, dtype=np.float64)
+    if len(coords) == 3:
+        rotations = [np.array([[1, 0, 0], [0, c, -s], [0, s, c]]), np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+                     np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])]
+    else:
+        rotations = [np.array([[c, -s], [s, c]])]
+    shape = coords.copy()
+    for rotation in rotations:
+        shape = np.maximum(shape, np.abs(coords @ rotation))
+    shape = (shape / 0.85).astype(int)
+    return [int(v) for v in shape]
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Random patches from the preprocessing cache, nnU-Net style; one epoch = ``length`` samples.
+
+    ``data`` is a datalist (``[{"image": [channel files], "label": file, "case"?: id}]``, the form MONAI Label passes
+    as ``train#dataset#data``); missing cases are preprocessed into ``cache_root`` first (rank 0 only under DDP).
+    Sample ``i`` is forced onto a random foreground class when ``i % batch_size >= round(batch_size * 0.67)``, so
+    with ``shuffle=False`` exactly nnU-Net's share of every batch is foreground-centred. 2-D configurations cut a
+    random slice (or the slice of the chosen foreground voxel) and drop the slice axis.
+    """
+
+    def __init__(self, data: list[dict], plans: dict, configuration: str, cache_root, foreground_labels: list,
+                 patch_size, final_patch_size, batch_size: int, length: int, oversample_foreground: float = 0.33,
+                 transform=None, two_d: bool = False, ignore_label: int | None = None, num_workers: int = 0):
+        data = [dict(item, case=item.get("case") or case_name({"filename_or_obj": item["label"]})["subject"])
+                for item in data]
+        self.cache_dir = _preprocess_once(data, plans, configuration, cache_root, foreground_labels, ignore_label,
+                                          num_workers)
+        self.cases = [item["case"] for item in data]
+        self.patch_size = [int(p) for p in patch_size]
+        self.final_patch_size = [int(p) for p in final_patch_size]
+        self.batch_size = int(batch_size)
+        self.length = int(length)
+        self.first_forced = round(self.batch_size * (1 - oversample_foreground))
+        self.transform = transform
+        self.two_d = two_d
+        self.ignore_label = ignore_label
+        self._rng = None
+        self._seed = None
+
+    def __len__(self):
+        return self.length
+
+    @property
+    def rng(self) -> np.random.Generator:
+        # torch re-seeds every worker each epoch, so deriving the generator from it varies patches per epoch/worker.
+        seed = torch.initial_seed()
+        if self._rng is None or seed != self._seed:
+            self._rng, self._seed = np.random.default_rng(seed % 2**63), seed
+        return self._rng
+
+    def _load(self, case: str):
+        data = np.load(self.cache_dir / f"{case}_data.npy", mmap_mode="r")
+        seg = np.load(self.cache_dir / f"{case}_seg.npy", mmap_mode="r")
+        with np.load(self.cache_dir / f"{case}_locations.npz") as z:
+            locations = {k: z[k] for k in z.files}
+        return data, seg, locations
+
+    def _pick_voxel(self, locations: dict, key: str | None = None):
+        """A stored voxel of ``key``, or of a random class (the ``annotated`` key only if no class has voxels)."""
+        classes = [key] if key else [k for k, v in locations.items() if len(v) and k != "annotated"]
+        if not classes and len(locations.get("annotated", ())):
+            classes = ["annotated"]
+        if not classes or not len(locations[classes[0]]):
+            return None
+        coords = locations[classes[self.rng.integers(len(classes))]]
+        return coords[self.rng.integers(len(coords))]
+
+    def _crop(self, data, seg, center):
+        shape = data.shape[1:]
+        patch = self.patch_size
+        need = [max(p - f, 0) for p, f in zip(patch, self.final_patch_size)]
+        need = [max(n, p - s) for n, p, s in zip(need, patch, shape)]
+        lower = [-n // 2 for n in need]
+        upper = [s + n // 2 + n % 2 - p for s, n, p in zip(shape, need, patch)]
+        if center is None:
+            start = [int(self.rng.integers(lo, hi + 1)) for lo, hi in zip(lower, upper)]
+        else:
+            start = [max(lo, int(c) - p // 2) for lo, c, p in zip(lower, center, patch)]
+        image = np.zeros((data.shape[0], *patch), np.float32)
+        label = np.full((1, *patch), -1, np.int16)
+        src = tuple(slice(max(b, 0), min(b + p, s)) for b, p, s in zip(start, patch, shape))
+        dst = tuple(slice(max(b, 0) - b, min(b + p, s) - b) for b, p, s in zip(start, patch, shape))
+        image[(slice(None),) + dst] = data[(slice(None),) + src]
+        label[(slice(None),) + dst] = seg[(slice(None),) + src]
+        return image, label
+
+    def __getitem__(self, index: int):
+        case = self.cases[self.rng.integers(len(self.cases))]
+        data, seg, locations = self._load(case)
+        forced = index % self.batch_size >= self.first_forced
+        if forced:
+            voxel = self._pick_voxel(locations)
+        elif self.ignore_label is not None:  # sparse annotation: centre ordinary samples on annotated voxels
+            voxel = self._pick_voxel(locations, "annotated")
+        else:
+            voxel = None
+        if self.two_d:
+            z = int(voxel[0]) if voxel is not None else int(self.rng.integers(data.shape[1]))
+            data, seg = data[:, z], seg[:, z]
+            voxel = voxel[1:] if voxel is not None else None
+        image, label = self._crop(data, seg, voxel)
+        item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "case": case}
+        return self.transform(item) if self.transform is not None else item

@@ -1,0 +1,154 @@
+"""Training bookkeeping that MONAI's handlers do not cover together: resume, best-by-EMA, final weights, progress.png.
+
+One handler so that resuming restores everything consistently: weights, optimizer, LR schedule, AMP scaler, epoch,
+the pseudo-Dice EMA, the best EMA so far and the loss history. Every file is written atomically, so an interrupted
+run resumes from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if hasattr(network, "module") else network
+
+
+def save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class TrainingProgress:
+    """Attach to the trainer after the ValidationHandler (so the epoch's validation has run).
+
+    Writes ``models/checkpoint_latest.pt`` (resume state) each epoch, ``models/model_best.pt`` when the EMA
+    pseudo-Dice strictly improves, ``models/model.pt`` (final weights, a plain state dict) at the end, and
+    ``progress.png`` + ``progress.json`` in ``output_dir``. Only rank 0 writes (``enabled``).
+    """
+
+    def __init__(self, network, optimizer, lr_scheduler, metric, ckpt_dir, output_dir, enabled: bool = True,
+                 resume: bool = True):
+        self.network, self.optimizer, self.lr_scheduler, self.metric = network, optimizer, lr_scheduler, metric
+        self.ckpt_dir, self.output_dir = Path(ckpt_dir), Path(output_dir)
+        self.enabled, self.resume = enabled, resume
+        self.history = {"epoch": [], "train_loss": [], "val_pseudo_dice": [], "val_ema": [], "lr": [],
+                        "epoch_seconds": []}
+        self.best_ema = None
+        self._losses: list[float] = []
+        self._epoch_start = time.monotonic()
+
+    @property
+    def latest_path(self) -> Path:
+        return self.ckpt_dir / "checkpoint_latest.pt"
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def started(self, engine: Engine) -> None:
+        if not (self.resume and self.latest_path.is_file()):
+            return
+        state = torch.load(self.latest_path, map_location="cpu", weights_only=False)
+        _unwrap(self.network).load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("scaler") is not None and getattr(engine, "scaler", None) is not None:
+            engine.scaler.load_state_dict(state["scaler"])
+        self.metric.ema, self.best_ema, self.history = state["ema"], state["best_ema"], state["history"]
+        engine.state.epoch = state["epoch"]
+        engine.state.iteration = state["epoch"] * engine.state.epoch_length
+        logger.info(f"resumed from {self.latest_path} at epoch {state['epoch']}")
+
+    def epoch_started(self, engine: Engine) -> None:
+        self._losses = []
+        self._epoch_start = time.monotonic()
+
+    def iteration_completed(self, engine: Engine) -> None:
+        output = engine.state.output
+        loss = output["loss"] if isinstance(output, dict) else output[0]["loss"]
+        self._losses.append(float(loss))
+
+    def epoch_completed(self, engine: Engine) -> None:
+        h = self.history
+        h["epoch"].append(engine.state.epoch)
+        h["train_loss"].append(sum(self._losses) / max(len(self._losses), 1))
+        h["val_pseudo_dice"].append(self.metric.last_mean)
+        h["val_ema"].append(self.metric.ema)
+        h["lr"].append(self.optimizer.param_groups[0]["lr"])
+        h["epoch_seconds"].append(time.monotonic() - self._epoch_start)
+        logger.info(f"epoch {engine.state.epoch}: train loss {h['train_loss'][-1]:.4f}, pseudo-Dice "
+                    f"{self.metric.last_per_class}, EMA {self.metric.ema}")
+        if not self.enabled:
+            return
+        weights = _unwrap(self.network).state_dict()
+        if self.metric.ema is not None and (self.best_ema is None or self.metric.ema > self.best_ema):
+            self.best_ema = self.metric.ema
+            save_atomic(weights, self.ckpt_dir / "model_best.pt")
+        scaler = getattr(engine, "scaler", None)
+        save_atomic({"network": weights, "optimizer": self.optimizer.state_dict(),
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                     "epoch": engine.state.epoch, "ema": self.metric.ema, "best_ema": self.best_ema,
+                     "history": self.history}, self.latest_path)
+        self.plot()
+
+    def completed(self, engine: Engine) -> None:
+        if self.enabled:
+            save_atomic(_unwrap(self.network).state_dict(), self.ckpt_dir / "model.pt")
+
+    def plot(self) -> None:
+        """progress.png like nnU-Net's: losses and pseudo-Dice, epoch duration, learning rate."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        h = self.history
+        fig, axes = plt.subplots(3, 1, figsize=(10, 12))
+        axes[0].plot(h["epoch"], h["train_loss"], label="train loss")
+        axes[0].set_ylabel("loss")
+        dice_axis = axes[0].twinx()
+        dice_axis.plot(h["epoch"], h["val_pseudo_dice"], "g:", label="pseudo Dice")
+        dice_axis.plot(h["epoch"], [v if v is not None else float("nan") for v in h["val_ema"]], "g-",
+                       label="pseudo Dice (EMA)")
+        dice_axis.set_ylabel("pseudo Dice")
+        axes[0].legend(loc="upper left")
+        dice_axis.legend(loc="upper right")
+        axes[1].plot(h["epoch"], h["epoch_seconds"])
+        axes[1].set_ylabel("epoch time (s)")
+        axes[2].plot(h["epoch"], h["lr"])
+        axes[2].set_ylabel("learning rate")
+        axes[2].set_xlabel("epoch")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / f".progress.{os.getpid()}.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.output_dir / "progress.png")
+        tmp = self.output_dir / f".progress.{os.getpid()}.json"
+        tmp.write_text(json.dumps(h, indent=1))
+        os.replace(tmp, self.output_dir / "progress.json")
+
+
+def clip_gradients_hook(network: torch.nn.Module, max_norm: float = 12.0):
+    """An optimizer step pre-hook clipping the global gradient norm (nnU-Net: 12). With AMP, GradScaler unscales the
+    gradients before calling ``optimizer.step``, so the hook sees true gradients."""
+    parameters = [p for p in network.parameters() if p.requires_grad]
+
+    def hook(optimizer, args, kwargs):
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    return hook

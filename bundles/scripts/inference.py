@@ -1,0 +1,102 @@
+"""Inference pieces MONAI lacks: mirroring TTA and slice-by-slice 2-D prediction inside a ``SlidingWindowInferer``,
+saving probabilities for ensembling, and the end-of-training prediction of a fold's validation cases.
+
+TTA and the 2-D handling live in the inferer, not the network, so that ``network_def`` stays the plain network whose
+state dict is ``models/model.pt``: MONAI Label, MONAI Deploy and ``ckpt_export`` load it as it is, and every consumer
+that calls ``inferer(inputs, network)`` gets nnU-Net's prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import MapTransform
+from torch import nn
+
+from .networks import MirrorTTA
+
+
+class SliceWise(nn.Module):
+    """Runs a 2-D network on (B, C, 1, H, W) windows, so 2-D configurations predict a volume slice by slice."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x[:, :, 0]).unsqueeze(2)
+
+
+class NnUNetInferer(SlidingWindowInferer):
+    """``SlidingWindowInferer`` (overlap 0.5, Gaussian sigma 1/8 by default) plus nnU-Net's mirroring TTA.
+
+    ``mirror_axes`` are spatial axes of the patch ((0, 1, 2) for 3-D, (0, 1) for 2-D; ``()`` disables TTA). With
+    ``two_d`` the window is one slice thick and the network sees 2-D slices.
+    """
+
+    def __init__(self, roi_size, mirror_axes=(), two_d: bool = False, overlap: float = 0.5, mode: str = "gaussian",
+                 sigma_scale: float = 0.125, sw_batch_size: int = 1, **kwargs):
+        self.two_d = two_d
+        self.mirror_axes = tuple(int(a) + (1 if two_d else 0) for a in mirror_axes)
+        roi = [1, *roi_size] if two_d else list(roi_size)
+        super().__init__(roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
+                         sigma_scale=sigma_scale, **kwargs)
+
+    def __call__(self, inputs, network, *args, **kwargs):
+        network = SliceWise(network) if self.two_d else network
+        if self.mirror_axes:
+            network = MirrorTTA(network, self.mirror_axes)
+        return super().__call__(inputs, network, *args, **kwargs)
+
+
+class SaveProbabilitiesd(MapTransform):
+    """Writes ``CASE.npz`` with ``probabilities`` (C, z, y, x), the layout of nnU-Net's ``--save_probabilities``."""
+
+    def __init__(self, keys, output_dir, name_key: str = "image", allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.name_key = name_key
+
+    def __call__(self, data):
+        from .data import case_name
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            case = case_name(getattr(d[self.name_key], "meta", {}))["subject"]
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.output_dir / f".{case}.{os.getpid()}.npz"
+            np.savez_compressed(tmp, probabilities=np.asarray(d[key], dtype=np.float32))
+            os.replace(tmp, self.output_dir / f"{case}.npz")
+        return d
+
+
+def predict_validation(bundle_root, images_dir, labels_dir, cases, output_dir, device=None,
+                       save_probabilities: bool = False) -> dict:
+    """Predict a fold's validation cases with ``configs/inference.json`` and evaluate them (``summary.json``)."""
+    from monai.bundle import ConfigWorkflow
+
+    from .data import list_cases
+    from .evaluation import evaluate_folder
+
+    bundle_root = Path(bundle_root)
+    config = json.loads((bundle_root / "configs" / "inference.json").read_text())
+    datalist = list_cases(images_dir, config["file_ending"], config["num_channels"], cases=list(cases))
+    overrides = {"bundle_root": str(bundle_root), "output_dir": str(output_dir), "datalist": datalist,
+                 "save_probabilities": save_probabilities}
+    if device is not None:
+        overrides["device"] = device
+    workflow = ConfigWorkflow(config_file=str(bundle_root / "configs" / "inference.json"),
+                              meta_file=str(bundle_root / "configs" / "metadata.json"), logging_file=False,
+                              workflow_type="infer", **overrides)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    labels = config["labels"]
+    ignore = labels.get("ignore")
+    return evaluate_folder(labels_dir, output_dir, config["file_ending"], labels, ignore_label=ignore,
+                           output_file=str(Path(output_dir) / "summary.json"), chill=True)

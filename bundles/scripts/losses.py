@@ -1,0 +1,69 @@
+"""nnU-Net's loss: Dice + cross-entropy with deep supervision (spec 5.2), with an ignore label for sparse labels.
+
+MONAI's ``DiceCELoss`` has no ignore index, so the loss is assembled from ``MaskedDiceLoss`` and torch's
+cross-entropy (which has ``ignore_index``). Deep supervision uses MONAI's ``DeepSupervisionLoss``, which resizes the
+target to each output (nearest-exact), after the network's output is split into a list.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DeepSupervisionLoss, MaskedDiceLoss
+from torch import nn
+
+from .networks import split_deep_supervision
+
+
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """1/2^i per output (highest resolution first), the lowest one set to 0, normalised to sum 1."""
+    weights = [1 / 2**i for i in range(num_outputs)]
+    if num_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class DiceCELoss(nn.Module):
+    """Soft Dice (softmax, background excluded, smooth 1e-5) + cross-entropy, both 1.0, on a label-map target.
+
+    With ``ignore_label`` the ignored voxels are masked out of both terms, and cross-entropy is skipped when a batch
+    has no annotated voxel.
+    """
+
+    def __init__(self, batch_dice: bool = False, ignore_label: int | None = None):
+        super().__init__()
+        self.ignore_label = ignore_label
+        self.dice = MaskedDiceLoss(include_background=False, softmax=True, batch=batch_dice, smooth_nr=1e-5,
+                                   smooth_dr=1e-5)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.long()
+        if self.ignore_label is None:
+            mask = torch.ones_like(target, dtype=torch.bool)
+            clean = target
+        else:
+            mask = target != self.ignore_label
+            clean = torch.where(mask, target, torch.zeros_like(target))
+        onehot = F.one_hot(clean[:, 0], logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        dice = self.dice(logits, onehot, mask.to(logits.dtype))
+        if not mask.any():
+            return dice
+        ce = F.cross_entropy(logits, target[:, 0], ignore_index=-100 if self.ignore_label is None else self.ignore_label)
+        return dice + ce
+
+
+class NnUNetLoss(nn.Module):
+    """The training loss: ``DiceCELoss`` over the deep-supervision outputs with nnU-Net's weights."""
+
+    def __init__(self, num_outputs: int, batch_dice: bool = False, ignore_label: int | None = None):
+        super().__init__()
+        self.loss = DiceCELoss(batch_dice, ignore_label)
+        self.weights = deep_supervision_weights(num_outputs)
+        self.deep_supervision = DeepSupervisionLoss(self.loss, weights=self.weights)
+
+    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+        outputs = split_deep_supervision(output, target.ndim - 2)
+        if len(outputs) == 1:
+            return self.loss(outputs[0], target)
+        return self.deep_supervision(outputs, target.float())

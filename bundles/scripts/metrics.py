@@ -1,0 +1,54 @@
+"""nnU-Net's online validation metric: pseudo-Dice with an exponential moving average (spec 5.5).
+
+TP/FP/FN are summed over all validation batches of an epoch (not averaged per case), per foreground class, on the
+argmax of the highest-resolution output; ignore-label voxels are masked. The reported value is the EMA over epochs
+(0.9 old + 0.1 new), which selects ``model_best.pt``. MONAI's DiceMetric averages per sample, hence this metric.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from ignite.metrics import Metric
+from monai.handlers import from_engine
+
+
+class PseudoDice(Metric):
+    def __init__(self, num_classes: int, ignore_label: int | None = None, ema_momentum: float = 0.9,
+                 output_transform=from_engine(["pred", "label"]), device="cpu"):
+        self.num_classes = num_classes
+        self.ignore_label = ignore_label
+        self.momentum = ema_momentum
+        self.ema = None
+        self.last_per_class: list[float] = []
+        self.last_mean = float("nan")
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self):
+        self.tp = torch.zeros(self.num_classes - 1, dtype=torch.float64)
+        self.fp = torch.zeros_like(self.tp)
+        self.fn = torch.zeros_like(self.tp)
+
+    def update(self, output):
+        pred, label = output
+        pred = torch.stack(list(pred)) if isinstance(pred, (list, tuple)) else pred
+        label = torch.stack(list(label)) if isinstance(label, (list, tuple)) else label
+        pred = pred.detach().argmax(1)
+        label = label.detach()[:, 0].long()
+        valid = label != self.ignore_label if self.ignore_label is not None else torch.ones_like(label, dtype=torch.bool)
+        for c in range(1, self.num_classes):
+            p, t = (pred == c) & valid, (label == c) & valid
+            self.tp[c - 1] += (p & t).sum().item()
+            self.fp[c - 1] += (p & ~t).sum().item()
+            self.fn[c - 1] += (~p & t).sum().item()
+
+    def compute(self) -> float:
+        denominator = 2 * self.tp + self.fp + self.fn
+        per_class = [float(2 * tp / d) if d > 0 else float("nan") for tp, d in zip(self.tp, denominator)]
+        valid = [v for v in per_class if not math.isnan(v)]
+        self.last_per_class = per_class
+        self.last_mean = sum(valid) / len(valid) if valid else float("nan")
+        if not math.isnan(self.last_mean):
+            self.ema = self.last_mean if self.ema is None else self.momentum * self.ema + (1 - self.momentum) * self.last_mean
+        return self.ema if self.ema is not None else float("nan")

@@ -1,0 +1,359 @@
+"""Networks for the bundles: nnU-Net's residual-encoder U-Net, DynUNet from a plan, and mirror test-time augmentation.
+
+MONAI has no ResEnc U-Net (DynUNet's ``res_block`` puts one residual block per stage in encoder *and* decoder), so it
+is written here (plain torch; same outputs and parameters as dynamic_network_architectures' version, and its
+checkpoints load). The default nnU-Net topology (PlainConvUNet) is expressed with MONAI's ``DynUNet``. The modules
+here must stay ``torch.jit.trace``-able in eval mode (``ckpt_export --use_trace`` makes ``model.ts``); the ResEnc
+network and ``MirrorTTA`` also script, which DynUNet with deep supervision does not.
+
+Deep-supervision outputs differ between the two networks in training mode:
+
+* ``ResidualEncoderUNet`` returns a list of logits at each decoder stage's own resolution, highest first (nnU-Net).
+* ``DynUNet`` returns one tensor ``(B, 1 + deep_supr_num, C, *full_size)``: every head's logits upsampled (nearest)
+  to full resolution and stacked on dim 1, full-resolution output first.
+
+``split_deep_supervision`` turns either into a list (highest resolution first) so one loss wrapper serves both; a
+loss that resizes the target to each output's shape (as MONAI's ``DeepSupervisionLoss`` does) then works for both.
+"""
+
+import itertools
+from typing import List, Sequence, Union
+
+import torch
+from monai.networks.nets import DynUNet
+from torch import nn
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _per_axis(value, spatial_dims: int) -> List[int]:
+    """An int or a per-axis sequence, as a list of ``spatial_dims`` ints."""
+    if isinstance(value, int):
+        return [value] * spatial_dims
+    value = [int(v) for v in value]
+    if len(value) != spatial_dims:
+        raise ValueError(f"expected {spatial_dims} values per axis, got {value}")
+    return value
+
+
+class ConvNormAct(nn.Module):
+    """conv -> InstanceNorm(eps 1e-5, affine) -> optional LeakyReLU(0.01), 'same' padding, as nnU-Net's conv unit.
+
+    Attribute names ``conv``/``norm`` match nnU-Net's state-dict keys (see ``ResidualEncoderUNet``).
+    """
+
+    def __init__(self, spatial_dims, in_channels, out_channels, kernel_size, stride=1, bias=True, act=True):
+        super().__init__()
+        kernel_size = _per_axis(kernel_size, spatial_dims)
+        self.conv = _CONV[spatial_dims](in_channels, out_channels, kernel_size, _per_axis(stride, spatial_dims),
+                                        padding=[(k - 1) // 2 for k in kernel_size], bias=bias)
+        self.norm = _NORM[spatial_dims](out_channels, eps=1e-5, affine=True)
+        self.nonlin = nn.LeakyReLU(0.01, inplace=True) if act else nn.Identity()
+
+    def forward(self, x):
+        return self.nonlin(self.norm(self.conv(x)))
+
+
+class ConvStack(nn.Module):
+    """``n`` ConvNormAct units; only the first may change channels or stride (nnU-Net's stem and decoder stages)."""
+
+    def __init__(self, n, spatial_dims, in_channels, out_channels, kernel_size, stride=1):
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a conv stack needs at least one conv, got {n}")
+        self.convs = nn.Sequential(*[
+            ConvNormAct(spatial_dims, in_channels if i == 0 else out_channels, out_channels, kernel_size,
+                        stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.convs(x)
+
+
+class BasicBlockD(nn.Module):
+    """ResNet-D basic block: conv(stride)-norm-act-conv-norm, plus a skip, then act.
+
+    The skip is AvgPool(stride) if the block strides, then a bias-free 1x1 conv + norm if it changes width (identity
+    if neither), as in nnU-Net: pooling instead of a strided 1x1 conv keeps the skip from dropping 3/4 of the voxels.
+    A strided block of unchanged width (e.g. 320 -> 320 deep in 3-D) thus has a pool-only skip.
+    The pool uses ``ceil_mode`` so odd sizes match the strided conv's ceil(n/s) output; nnU-Net floors, which only
+    differs on sizes its planner never produces.
+    """
+
+    def __init__(self, spatial_dims, in_channels, out_channels, kernel_size, stride=1):
+        super().__init__()
+        stride = _per_axis(stride, spatial_dims)
+        self.conv1 = ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size, stride)
+        self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, kernel_size, 1, act=False)
+        self.nonlin2 = nn.LeakyReLU(0.01, inplace=True)
+        skip = []  # an empty Sequential is the identity
+        if any(s != 1 for s in stride):
+            skip.append(_POOL[spatial_dims](stride, stride, ceil_mode=True))
+        if in_channels != out_channels:  # nnU-Net projects only on a width change, not on stride alone
+            skip.append(ConvNormAct(spatial_dims, in_channels, out_channels, 1, 1, bias=False, act=False))
+        self.skip = nn.Sequential(*skip)
+
+    def forward(self, x):
+        out = self.conv2(self.conv1(x))
+        out += self.skip(x)
+        return self.nonlin2(out)
+
+
+class ResidualStage(nn.Module):
+    """One encoder stage: ``n`` BasicBlockD, the first one strided."""
+
+    def __init__(self, n, spatial_dims, in_channels, out_channels, kernel_size, stride):
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"a residual stage needs at least one block, got {n}")
+        self.blocks = nn.Sequential(*[
+            BasicBlockD(spatial_dims, in_channels if i == 0 else out_channels, out_channels, kernel_size,
+                        stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class ResidualEncoder(nn.Module):
+    """Stem (one conv unit at full resolution) followed by the residual stages; returns every stage's output."""
+
+    def __init__(self, spatial_dims, in_channels, features_per_stage, kernel_sizes, strides, n_blocks_per_stage):
+        super().__init__()
+        self.stem = ConvStack(1, spatial_dims, in_channels, features_per_stage[0], kernel_sizes[0])
+        widths = [features_per_stage[0]] + list(features_per_stage)
+        self.stages = nn.ModuleList([
+            ResidualStage(n_blocks_per_stage[s], spatial_dims, widths[s], widths[s + 1], kernel_sizes[s], strides[s])
+            for s in range(len(features_per_stage))])
+
+    def forward(self, x) -> List[torch.Tensor]:
+        x = self.stem(x)
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class UNetDecoder(nn.Module):
+    """Plain decoder: transposed conv (kernel = stride), concat with the skip, conv units, 1x1 head per stage.
+
+    Stages run from the bottom up; ``n_conv_per_stage[i]`` and heads ``seg_layers[i]`` are indexed in that order,
+    as in nnU-Net. Every head exists even without deep supervision so checkpoints load either way.
+    """
+
+    def __init__(self, spatial_dims, out_channels, features_per_stage, kernel_sizes, strides, n_conv_per_stage):
+        super().__init__()
+        n = len(features_per_stage)
+        self.transpconvs = nn.ModuleList()
+        self.stages = nn.ModuleList()
+        self.seg_layers = nn.ModuleList()
+        for below in range(n - 1, 0, -1):  # the stage whose output is upsampled
+            skip = below - 1
+            stride = _per_axis(strides[below], spatial_dims)
+            self.transpconvs.append(_CONV_T[spatial_dims](features_per_stage[below], features_per_stage[skip], stride,
+                                                          stride, bias=True))
+            self.stages.append(ConvStack(n_conv_per_stage[n - 1 - below], spatial_dims, 2 * features_per_stage[skip],
+                                         features_per_stage[skip], kernel_sizes[skip]))
+            self.seg_layers.append(_CONV[spatial_dims](features_per_stage[skip], out_channels, 1, bias=True))
+
+    def forward(self, skips: List[torch.Tensor], deep_supervision: bool) -> List[torch.Tensor]:
+        """Logits, highest resolution first: every head's with ``deep_supervision``, else only the last one."""
+        x = skips[-1]
+        outputs: List[torch.Tensor] = []
+        i = 0
+        for up, stage, head in zip(self.transpconvs, self.stages, self.seg_layers):
+            x = stage(torch.cat((up(x), skips[-(i + 2)]), 1))
+            if deep_supervision or i == len(self.stages) - 1:
+                outputs.append(head(x))
+            i += 1
+        return outputs[::-1]
+
+
+class ResidualEncoderUNet(nn.Module):
+    """nnU-Net's ResidualEncoderUNet (ResEnc M/L/XL presets) with BasicBlockD encoder and plain decoder.
+
+    ``kernel_sizes``/``strides`` have one entry per stage (ints or per-axis lists; ``strides[0]`` is usually 1);
+    ``n_conv_per_stage_decoder`` has ``n_stages - 1`` entries, deepest decoder stage first, as in nnU-Net plans.
+    Training mode with ``deep_supervision`` returns a list of ``n_stages - 1`` logits tensors at their own resolutions,
+    highest first; otherwise one full-resolution tensor. Input sizes must be divisible by the product of strides.
+
+    Module names follow dynamic_network_architectures, so an nnU-Net checkpoint's state dict loads after dropping its
+    duplicate keys (those containing ``.all_modules.`` or starting with ``decoder.encoder.``); see
+    ``nnunet_state_dict``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, features_per_stage: Sequence[int],
+                 kernel_sizes: Sequence, strides: Sequence, n_blocks_per_stage: Sequence[int],
+                 n_conv_per_stage_decoder: Union[int, Sequence[int]], deep_supervision: bool = True):
+        super().__init__()
+        n = len(features_per_stage)
+        if n < 2:
+            raise ValueError("a U-Net needs at least 2 stages")
+        if isinstance(n_blocks_per_stage, int):
+            n_blocks_per_stage = [n_blocks_per_stage] * n
+        if isinstance(n_conv_per_stage_decoder, int):
+            n_conv_per_stage_decoder = [n_conv_per_stage_decoder] * (n - 1)
+        if not (len(kernel_sizes) == len(strides) == len(n_blocks_per_stage) == n == len(n_conv_per_stage_decoder) + 1):
+            raise ValueError("kernel_sizes, strides, n_blocks_per_stage need one entry per stage, "
+                             "n_conv_per_stage_decoder one fewer")
+        self.spatial_dims = spatial_dims
+        self.deep_supervision = deep_supervision
+        self.encoder = ResidualEncoder(spatial_dims, in_channels, features_per_stage, kernel_sizes, strides,
+                                       n_blocks_per_stage)
+        self.decoder = UNetDecoder(spatial_dims, out_channels, features_per_stage, kernel_sizes, strides,
+                                   n_conv_per_stage_decoder)
+        self.apply(_init_he)
+        for m in self.modules():
+            if isinstance(m, BasicBlockD):  # each block starts as (nearly) the identity, as in nnU-Net
+                nn.init.zeros_(m.conv2.norm.weight)
+                nn.init.zeros_(m.conv2.norm.bias)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        ds = self.training and self.deep_supervision  # module state, not data: fixed when traced in eval mode
+        outputs = self.decoder(self.encoder(x), ds)
+        if ds:
+            return outputs
+        return outputs[0]
+
+
+def _init_he(module: nn.Module) -> None:
+    """nnU-Net's He init: kaiming_normal_(a=0.01) on (transposed) conv weights, zero biases."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                           nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=1e-2)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def nnunet_state_dict(state_dict: dict) -> dict:
+    """An nnU-Net ResidualEncoderUNet state dict without its duplicate aliases, loadable into ours."""
+    return {k: v for k, v in state_dict.items() if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
+
+
+def _check_arch_kwargs(kw: dict) -> None:
+    """Refuse plan settings these networks do not implement, rather than silently building something else."""
+    problems = []
+    if kw.get("dropout_op") is not None:
+        problems.append(f"dropout_op={kw['dropout_op']}")
+    norm = kw.get("norm_op")
+    if norm is not None and "InstanceNorm" not in str(norm):
+        problems.append(f"norm_op={norm}")
+    norm_kw = kw.get("norm_op_kwargs") or {}
+    if float(norm_kw.get("eps", 1e-5)) != 1e-5 or not norm_kw.get("affine", True):
+        problems.append(f"norm_op_kwargs={norm_kw}")
+    nonlin = kw.get("nonlin")
+    if nonlin is not None and "LeakyReLU" not in str(nonlin):
+        problems.append(f"nonlin={nonlin}")
+    if float((kw.get("nonlin_kwargs") or {}).get("negative_slope", 0.01)) != 0.01:
+        problems.append(f"nonlin_kwargs={kw['nonlin_kwargs']}")
+    if problems:
+        raise ValueError("unsupported architecture settings: " + ", ".join(problems))
+
+
+def dynunet_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
+    """MONAI ``DynUNet`` for an nnU-Net PlainConvUNet plan (``architecture.arch_kwargs``).
+
+    Same stages, strides, widths, norm, activation and init as nnU-Net, with three differences DynUNet cannot avoid:
+    its convs have no bias (redundant before InstanceNorm; its transposed convs get one via ``trans_bias``, as
+    nnU-Net's); the decoder stage at level t convolves with ``kernel_sizes[t + 1]`` where nnU-Net uses
+    ``kernel_sizes[t]`` (only differs on anisotropic plans, e.g. 3x3x3 instead of 1x3x3); deep-supervision outputs
+    (``n_stages - 1``, from the same decoder stages as nnU-Net's) come stacked at full resolution (module docstring).
+    DynUNet has exactly two convs per stage and needs at least 3 stages; other plans raise ``ValueError``.
+    """
+    _check_arch_kwargs(arch_kwargs)
+    kernels, strides = arch_kwargs["kernel_sizes"], arch_kwargs["strides"]
+    n = len(kernels)
+    if n < 3:
+        raise ValueError(f"DynUNet needs at least 3 stages, the plan has {n}")
+    for key in ("n_conv_per_stage", "n_conv_per_stage_decoder"):
+        per_stage = arch_kwargs.get(key, 2)
+        if any(int(c) != 2 for c in ([per_stage] if isinstance(per_stage, int) else per_stage)):
+            raise ValueError(f"DynUNet has 2 convs per stage; the plan has {key}={per_stage}")
+    return DynUNet(len(kernels[0]), in_channels, out_channels, kernel_size=kernels, strides=strides,
+                   upsample_kernel_size=strides[1:], filters=arch_kwargs["features_per_stage"],
+                   norm_name=("INSTANCE", {"affine": True}),
+                   act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+                   deep_supervision=deep_supervision, deep_supr_num=max(1, n - 2), res_block=False,
+                   trans_bias=bool(arch_kwargs.get("conv_bias", True)))
+
+
+def resenc_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
+    """``ResidualEncoderUNet`` for an nnU-Net ResEnc plan (``architecture.arch_kwargs``)."""
+    _check_arch_kwargs(arch_kwargs)
+    if not arch_kwargs.get("conv_bias", True):
+        raise ValueError("ResidualEncoderUNet here always has conv biases (nnU-Net plans set conv_bias true)")
+    kernels = arch_kwargs["kernel_sizes"]
+    return ResidualEncoderUNet(len(kernels[0]), in_channels, out_channels, arch_kwargs["features_per_stage"],
+                               kernels, arch_kwargs["strides"], arch_kwargs["n_blocks_per_stage"],
+                               arch_kwargs["n_conv_per_stage_decoder"], deep_supervision)
+
+
+def network_from_plan(plan_configuration: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
+    """The network of one (inheritance-resolved) plans configuration, by ``architecture.network_class_name``.
+
+    PlainConvUNet -> MONAI DynUNet; ResidualEncoderUNet -> ours. ``out_channels`` is the number of label keys
+    (or regions); ``in_channels`` the number of image channels (plus one-hot previous stage for a cascade).
+    """
+    arch = plan_configuration.get("architecture", plan_configuration)
+    name = str(arch["network_class_name"]).rsplit(".", 1)[-1]
+    builders = {"PlainConvUNet": dynunet_from_plan, "ResidualEncoderUNet": resenc_from_plan}
+    if name not in builders:
+        raise ValueError(f"unsupported network_class_name {arch['network_class_name']!r}")
+    return builders[name](arch["arch_kwargs"], in_channels, out_channels, deep_supervision)
+
+
+def split_deep_supervision(output, spatial_dims: int) -> List[torch.Tensor]:
+    """Training output of either network as a list of logits tensors, highest resolution first.
+
+    A list/tuple (ResEnc) is returned as a list; DynUNet's stacked ``(B, K, C, *spatial)`` tensor is unbound along
+    dim 1; a plain ``(B, C, *spatial)`` tensor (no deep supervision, or eval mode) becomes a one-element list.
+    ``spatial_dims`` tells stacked from plain tensors (a loss can pass ``target.ndim - 2``).
+    """
+    if isinstance(output, (list, tuple)):
+        return list(output)
+    if output.ndim == spatial_dims + 3:
+        return list(torch.unbind(output, dim=1))
+    if output.ndim == spatial_dims + 2:
+        return [output]
+    raise ValueError(f"output of shape {tuple(output.shape)} does not fit spatial_dims={spatial_dims}")
+
+
+class MirrorTTA(nn.Module):
+    """Mean of ``network``'s logits over the input and all flips along any subset of spatial ``axes`` (nnU-Net's
+    mirroring TTA: 2**len(axes) passes). ``axes`` are spatial indices (0 = first spatial dim); ``()`` disables it.
+
+    Averaging logits (not probabilities) matches nnU-Net. Use it in eval mode only: the wrapped network must return a
+    single tensor, which deep-supervised networks do only in eval mode. It is a plain module, so it can be the
+    ``network`` of ``SlidingWindowInferer`` and is ``torch.jit.trace``-able (the flips unroll).
+    """
+
+    flips: List[List[int]]  # declared here so TorchScript also types an empty list (axes=())
+
+    def __init__(self, network: nn.Module, axes: Sequence[int] = (0, 1, 2)):
+        super().__init__()
+        axes = sorted({int(a) for a in axes})
+        if any(a < 0 for a in axes):
+            raise ValueError(f"axes are non-negative spatial indices, got {axes}")
+        self.network = network
+        self.axes = tuple(axes)
+        # every non-empty subset of the axes, as tensor dims (batch and channel come first)
+        self.flips = [[a + 2 for a in subset] for r in range(1, len(axes) + 1)
+                      for subset in itertools.combinations(axes, r)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _single_tensor(self.network(x), x.dim())
+        for dims in self.flips:
+            out = out + torch.flip(_single_tensor(self.network(torch.flip(x, dims)), x.dim()), dims)
+        return out / (len(self.flips) + 1)
+
+
+def _single_tensor(out: Union[torch.Tensor, List[torch.Tensor]], ndim: int) -> torch.Tensor:
+    """The network's output if it is one (B, C, *spatial) tensor; a DS list or DynUNet's stacked DS tensor is refused.
+
+    The isinstance check also narrows the type for TorchScript.
+    """
+    if isinstance(out, torch.Tensor) and out.dim() == ndim:
+        return out
+    raise TypeError("MirrorTTA needs one (B, C, *spatial) logits tensor: put the network in eval mode")

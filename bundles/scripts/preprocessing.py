@@ -1,0 +1,241 @@
+"""nnU-Net's preprocessing (spec 4) and its inverse for predictions, as MONAI map transforms.
+
+MONAI loads images as (C, x, y, z) with an affine; nnU-Net works in (C, z, y, x) with spacing (sz, sy, sx). The
+forward path converts, transposes, crops to non-zero, normalizes and resamples to the plan's spacing; the inverse path
+resamples logits back, takes the argmax, pastes into the uncropped volume and returns a label map with the input's
+exact shape and geometry. MONAI has no separate-z resampling, no hole-filled crop and no dataset-level CT
+normalization, which is why this module exists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from .cropping import crop_to_nonzero
+from .resampling import compute_new_shape, resample_data_or_seg_to_shape
+
+EPS = 1e-8
+
+
+@dataclass
+class PlanSettings:
+    """The parts of one configuration of plans.json that pre- and postprocessing need."""
+
+    spacing: list  # target spacing, transposed (2 entries for 2d)
+    transpose_forward: list
+    transpose_backward: list
+    normalization_schemes: list
+    use_mask_for_norm: list
+    intensity_properties: dict
+    data_kwargs: dict
+    seg_kwargs: dict
+    probabilities_kwargs: dict
+
+    @classmethod
+    def from_plans(cls, plans: dict, configuration: str) -> "PlanSettings":
+        config = resolve_configuration(plans, configuration)
+        return cls(
+            spacing=list(config["spacing"]),
+            transpose_forward=list(plans["transpose_forward"]),
+            transpose_backward=list(plans["transpose_backward"]),
+            normalization_schemes=list(config["normalization_schemes"]),
+            use_mask_for_norm=list(config["use_mask_for_norm"]),
+            intensity_properties=plans["foreground_intensity_properties_per_channel"],
+            data_kwargs=_resampling_kwargs(config["resampling_fn_data_kwargs"]),
+            seg_kwargs=_resampling_kwargs(config["resampling_fn_seg_kwargs"]),
+            probabilities_kwargs=_resampling_kwargs(config["resampling_fn_probabilities_kwargs"]),
+        )
+
+    @property
+    def is_2d(self) -> bool:
+        return len(self.spacing) == 2
+
+
+def resolve_configuration(plans: dict, name: str) -> dict:
+    """A configuration with ``inherits_from`` resolved (child keys win), as nnU-Net's PlansManager does."""
+    configs = plans["configurations"]
+    if name not in configs:
+        raise KeyError(f"configuration '{name}' is not in the plans (has {', '.join(configs)})")
+    config, seen = dict(configs[name]), {name}
+    while "inherits_from" in config:
+        parent = config.pop("inherits_from")
+        if parent in seen:
+            raise ValueError(f"plans: circular inherits_from at '{parent}'")
+        seen.add(parent)
+        config = {**configs[parent], **config}
+    return config
+
+
+def _resampling_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k in ("is_seg", "order", "order_z", "force_separate_z")}
+
+
+# --- axis conventions ------------------------------------------------------------------------------------------
+def spacing_from_meta(image) -> list[float]:
+    """Voxel spacing in MONAI (x, y, z) order: NIfTI pixdim when present (as ITK reads it), else affine norms."""
+    meta = getattr(image, "meta", {}) or {}
+    spatial = image.ndim - 1
+    pixdim = meta.get("pixdim")
+    if pixdim is not None and len(pixdim) > spatial and all(float(p) > 0 for p in np.asarray(pixdim)[1:spatial + 1]):
+        return [float(p) for p in np.asarray(pixdim)[1:spatial + 1]]
+    affine = np.asarray(getattr(image, "affine", np.eye(spatial + 1)), dtype=np.float64)
+    return [float(np.linalg.norm(affine[:spatial, i])) for i in range(spatial)]
+
+
+def to_nnunet_order(array: np.ndarray, spacing_xyz) -> tuple[np.ndarray, list[float]]:
+    """(C, x, y[, z]) -> (C, z, y, x) and spacing (sz, sy, sx); 2-D images become (C, 1, y, x) with z spacing 999x."""
+    spatial = array.ndim - 1
+    array = np.transpose(array, (0,) + tuple(range(spatial, 0, -1)))
+    spacing = [abs(float(s)) for s in spacing_xyz][::-1]
+    if spatial == 2:
+        array = array[:, None]
+        spacing = [999.0 * max(spacing)] + spacing
+    return np.ascontiguousarray(array), spacing
+
+
+def from_nnunet_order(array: np.ndarray, spatial_dims: int) -> np.ndarray:
+    """Inverse of ``to_nnunet_order`` for a (C, z, y, x) array."""
+    if spatial_dims == 2:
+        array = array[:, 0]
+    return np.ascontiguousarray(np.transpose(array, (0,) + tuple(range(array.ndim - 1, 0, -1))))
+
+
+# --- forward ---------------------------------------------------------------------------------------------------
+def normalize(data: np.ndarray, seg: np.ndarray, plan: PlanSettings) -> np.ndarray:
+    """Per-channel normalization by scheme (spec 3.8); z-score within the mask where the plan says so."""
+    out = np.empty_like(data, dtype=np.float32)
+    for c, scheme in enumerate(plan.normalization_schemes):
+        x = data[c].astype(np.float32, copy=False)
+        if scheme == "CTNormalization":
+            props = plan.intensity_properties[str(c)]
+            x = np.clip(x, props["percentile_00_5"], props["percentile_99_5"])
+            x = (x - props["mean"]) / max(props["std"], EPS)
+        elif scheme == "ZScoreNormalization":
+            if plan.use_mask_for_norm[c]:
+                mask = seg[0] >= 0
+                values = x[mask]
+                mean, std = (values.mean(), values.std()) if values.size else (0.0, 1.0)
+                x = np.where(mask, (x - mean) / max(std, EPS), 0.0)
+            else:
+                x = (x - x.mean()) / max(x.std(), EPS)
+        elif scheme == "RescaleTo01Normalization":
+            x = (x - x.min()) / max(x.max() - x.min(), EPS)
+        elif scheme == "RGBTo01Normalization":
+            x = x / 255.0
+        elif scheme != "NoNormalization":
+            raise ValueError(f"unknown normalization scheme '{scheme}'")
+        out[c] = x
+    return out
+
+
+def target_spacing(plan: PlanSettings, spacing_transposed) -> list[float]:
+    """The plan's spacing; 2-D configurations keep each case's own slice spacing."""
+    return [spacing_transposed[0]] + list(plan.spacing) if plan.is_2d else list(plan.spacing)
+
+
+def preprocess_case(data: np.ndarray, spacing: list, plan: PlanSettings, seg: np.ndarray | None = None):
+    """nnU-Net's DefaultPreprocessor on one case in nnU-Net order. Returns (data, seg, properties)."""
+    data = np.nan_to_num(data.astype(np.float32, copy=False))
+    has_seg = seg is not None
+    forward = [0] + [a + 1 for a in plan.transpose_forward]
+    data = data.transpose(forward)
+    seg = seg.transpose(forward) if seg is not None else None
+    spacing_t = [spacing[a] for a in plan.transpose_forward]
+    shape_before = list(data.shape[1:])
+    data, seg, bbox = crop_to_nonzero(data, seg)
+    shape_cropped = list(data.shape[1:])
+    target = target_spacing(plan, spacing_t)
+    new_shape = compute_new_shape(shape_cropped, spacing_t, target)
+    data = normalize(data, seg, plan)
+    data = resample_data_or_seg_to_shape(data, new_shape, spacing_t, target, **plan.data_kwargs)
+    seg = resample_data_or_seg_to_shape(seg, new_shape, spacing_t, target, **plan.seg_kwargs) if has_seg else None
+    properties = {"shape_before_cropping": shape_before, "bbox_used_for_cropping": bbox,
+                  "shape_after_cropping_and_before_resampling": shape_cropped, "spacing_transposed": spacing_t}
+    return data.astype(np.float32, copy=False), seg, properties
+
+
+# --- inverse ---------------------------------------------------------------------------------------------------
+def logits_to_original(logits: np.ndarray, properties: dict, plan: PlanSettings,
+                       return_probabilities: bool = False):
+    """Resample logits back, argmax, uncrop and transpose back (spec 6 step 6). Label map in nnU-Net order."""
+    spacing_t = properties["spacing_transposed"]
+    shape_cropped = properties["shape_after_cropping_and_before_resampling"]
+    current = target_spacing(plan, spacing_t)
+    logits = resample_data_or_seg_to_shape(logits.astype(np.float32, copy=False), shape_cropped, current, spacing_t,
+                                           **plan.probabilities_kwargs)
+    labels = np.argmax(logits, 0).astype(np.uint8 if logits.shape[0] < 255 else np.uint16)
+    window = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
+    full = np.zeros(properties["shape_before_cropping"], labels.dtype)
+    full[window] = labels
+    backward = plan.transpose_backward
+    full = full.transpose(backward)
+    if not return_probabilities:
+        return full, None
+    probabilities = torch.softmax(torch.from_numpy(logits), 0).numpy()
+    full_probabilities = np.zeros([logits.shape[0]] + properties["shape_before_cropping"], np.float32)
+    full_probabilities[0] = 1.0
+    full_probabilities[(slice(None),) + window] = probabilities
+    return full, full_probabilities.transpose([0] + [a + 1 for a in backward])
+
+
+# --- MONAI transforms ------------------------------------------------------------------------------------------
+class NnUNetPreprocessd(MapTransform):
+    """Turns a loaded (C, x, y, z) image into the network's preprocessed (C, z', y', x') input.
+
+    What is needed to invert it is kept as a JSON string under ``<key>_nnunet`` (strings survive MONAI's batch
+    collation unchanged); the image keeps the original meta data (affine, file name) for ``NnUNetRestored``.
+    """
+
+    def __init__(self, keys: KeysCollection, plans: dict, configuration: str, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.plan = PlanSettings.from_plans(plans, configuration)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            nn_array, spacing = to_nnunet_order(array, spacing_from_meta(image))
+            pre, _, props = preprocess_case(nn_array, spacing, self.plan)
+            props["spatial_dims"] = array.ndim - 1
+            d[f"{key}_nnunet"] = json.dumps(props)
+            meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+            d[key] = MetaTensor(torch.from_numpy(pre), meta=meta) if meta else torch.from_numpy(pre)
+        return d
+
+
+class NnUNetRestored(MapTransform):
+    """Turns network logits (C, z', y', x') into a uint8 label map with the original image's shape and geometry.
+
+    With ``probabilities_key`` the softmax probabilities in nnU-Net's (C, z, y, x) layout are stored there too.
+    """
+
+    def __init__(self, keys: KeysCollection, plans: dict, configuration: str, image_key: str = "image",
+                 probabilities_key: str | None = None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.plan = PlanSettings.from_plans(plans, configuration)
+        self.image_key = image_key
+        self.probabilities_key = probabilities_key
+
+    def __call__(self, data):
+        d = dict(data)
+        props = d[f"{self.image_key}_nnunet"]
+        props = json.loads(props if isinstance(props, str) else props[0])
+        image = d.get(self.image_key)
+        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        for key in self.key_iterator(d):
+            logits = d[key]
+            logits = logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else logits
+            labels, probabilities = logits_to_original(logits, props, self.plan, self.probabilities_key is not None)
+            labels = from_nnunet_order(labels[None], props["spatial_dims"])
+            d[key] = MetaTensor(torch.from_numpy(labels), meta=meta) if meta else torch.from_numpy(labels)
+            if probabilities is not None:
+                d[self.probabilities_key] = probabilities
+        return d
