@@ -123,31 +123,68 @@ def plan(dataset_json, fingerprint, out="plans.json", planner: str = "default", 
     print(f"wrote {out}")
 
 
-def run(raw_dir, out="work", planner: str = "default", gpu_memory_gb: float = None, processes: int = 2):
-    """Verify, fingerprint and plan a dataset in one go.
+def _folds(folds):
+    """``0,1,2`` / ``"0 1 2"`` / ``all`` / a single int, as fire hands them over."""
+    if isinstance(folds, (list, tuple)):
+        return [f if f == "all" else int(f) for f in folds]
+    if isinstance(folds, int) or str(folds) == "all":
+        return [folds]
+    return [f if f == "all" else int(f) for f in str(folds).replace(",", " ").split()]
+
+
+def _names(value):
+    if value is None:
+        return None
+    return list(value) if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+
+
+def emit(plans, raw, out="bundles", configurations=None, folds="0,1,2,3,4", splits=None):
+    """Emit one MONAI Bundle per configuration and fold from a plans file (ours or nnU-Net's).
+
+    Args:
+        plans: plans.json (nnU-Net schema).
+        raw: the raw dataset folder (dataset.json, imagesTr, labelsTr).
+        out: folder for the bundles, splits_final.json and the shared preprocessing cache.
+        configurations: e.g. 3d_fullres,2d (default: every supported configuration in the plans).
+        folds: e.g. 0,1,2,3,4 (default), 0, or all (train and validate on every case).
+        splits: a splits_final.json to use instead of nnU-Net's 5-fold split (raw/splits_final.json is used if present).
+    """
+    from autoplan.emit import emit as emit_bundles
+
+    for path in _guarded(emit_bundles, plans, raw, out, _names(configurations), _folds(folds), splits):
+        print(f"wrote {path}")
+
+
+def run(raw_dir, out="work", planner: str = "default", gpu_memory_gb: float = None, processes: int = 2,
+        configurations=None, folds="0,1,2,3,4"):
+    """Verify, fingerprint, plan and emit the bundles of a dataset in one go.
 
     Args:
         raw_dir: the dataset folder.
-        out: work folder for the fingerprint and plans.
+        out: work folder: fingerprint, plans, and bundles/ (one per configuration and fold).
         planner: default, resenc-m, resenc-l or resenc-xl.
         gpu_memory_gb: GPU memory target.
         processes: worker processes.
+        configurations: configurations to emit (default: all supported).
+        folds: folds to emit, e.g. 0,1,2,3,4 or all.
     """
     from autoplan.pipeline import run as run_pipeline
 
-    _guarded(run_pipeline, raw_dir, out, planner, gpu_memory_gb, processes)
+    _guarded(run_pipeline, raw_dir, out, planner, gpu_memory_gb, processes, _names(configurations), _folds(folds))
 
 
-def demo(out="demo_out", processes: int = 2):
-    """Generate a small synthetic dataset and run the pipeline on it.
+def demo(out="demo_out", processes: int = 2, epochs: int = 2, iterations: int = 10):
+    """Synthetic dataset -> plan -> bundles -> a short training -> inference -> evaluation, in a few CPU minutes.
 
     Args:
-        out: output folder (raw data under out/raw, results under out/work).
+        out: output folder (raw data under out/raw, everything else under out/work).
         processes: worker processes.
+        epochs: training epochs of the demo (nnU-Net's default is 1000).
+        iterations: iterations per epoch (nnU-Net's default is 250).
     """
     from autoplan.pipeline import demo as run_demo
 
-    _guarded(run_demo, out, processes)
+    _guarded(run_demo, out, processes, epochs, iterations)
 
 
 COMMANDS = {
@@ -156,6 +193,7 @@ COMMANDS = {
     "verify": verify,
     "fingerprint": fingerprint,
     "plan": plan,
+    "emit": emit,
     "run": run,
     "demo": demo,
 }

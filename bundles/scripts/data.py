@@ -283,5 +283,6 @@ class PatchDataset(torch.utils.data.Dataset):
             data, seg = data[:, z], seg[:, z]
             voxel = voxel[1:] if voxel is not None else None
         image, label = self._crop(data, seg, voxel)
-        item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label), "case": case}
+        # labels travel as float32 so that interpolating and non-interpolating augmentations batch together
+        item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.float32)), "case": case}
         return self.transform(item) if self.transform is not None else item

@@ -1,0 +1,222 @@
+"""Emitted bundles end to end on a tiny synthetic dataset: layout, MONAI checks, training, resume, inference,
+export, relocation and DDP. Trainings are a few iterations long; the point is that every path runs and writes the
+right files with the right geometry."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from autoplan.emit import emit
+from autoplan.pipeline import run
+from autoplan.splits import kfold_splits
+from autoplan.synthetic import make_synthetic_dataset
+
+FAST = ["--epochs", "1", "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "0"]
+
+
+def bundle_cmd(bundle: Path, *args, check=True):
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=bundle,
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def emitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    raw = make_synthetic_dataset(root / "raw" / "Dataset960_Tiny", cases=5, shape=(24, 24, 12), spacing=(1, 1, 2),
+                                 labels=2, test_cases=1, seed=3)
+    plans_path = run(raw, root / "work", processes=1, configurations=["3d_fullres", "2d"], folds=[0])
+    bundles = root / "work" / "bundles"
+    return raw, plans_path, {c: bundles / f"Dataset960_Tiny_{c}_fold0" for c in ("3d_fullres", "2d")}
+
+
+@pytest.fixture(scope="module")
+def trained_3d(emitted):
+    raw, _, bundles = emitted
+    bundle = bundles["3d_fullres"]
+    bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", *FAST)
+    return raw, bundle
+
+
+def test_layout_metadata_and_splits(emitted):
+    raw, plans_path, bundles = emitted
+    bundle = bundles["3d_fullres"]
+    for f in ("configs/train.json", "configs/inference.json", "configs/evaluate.json", "configs/multi_gpu_train.json",
+              "configs/metadata.json", "configs/logging.conf", "configs/plans.json", "docs/README.md", "LICENSE",
+              "scripts/__init__.py", "scripts/preprocessing.py", "models"):
+        assert (bundle / f).exists(), f
+    for script in (bundle / "scripts").glob("*.py"):
+        text = script.read_text()
+        assert "import autoplan" not in text and "from autoplan" not in text, script  # self-contained
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "task", "description", "authors", "copyright", "network_data_format"):
+        assert key in meta, key
+    assert meta["version"] in meta["changelog"]
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background", "1": "structure_1", "2": "structure_2"}
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+    train = json.loads((bundle / "configs/train.json").read_text())
+    plans = json.loads(plans_path.read_text())
+    assert train["patch_size"] == plans["configurations"]["3d_fullres"]["patch_size"]
+    assert train["batch_size"] == plans["configurations"]["3d_fullres"]["batch_size"]
+    assert (train["epochs"], train["iterations_per_epoch"], train["val_iterations"]) == (1000, 250, 50)
+    cases = sorted(p.name[:-7] for p in (raw / "labelsTr").iterdir())
+    assert train["val_cases"] == kfold_splits(cases)[0]["val"]
+    assert json.loads((bundle.parent / "splits_final.json").read_text()) == kfold_splits(cases)
+    assert json.loads((bundles["2d"] / "configs/train.json").read_text())["two_d"] is True
+
+
+def test_emit_refuses_to_overwrite(emitted, tmp_path):
+    raw, plans_path, bundles = emitted
+    with pytest.raises(FileExistsError):
+        emit(plans_path, raw, bundles["3d_fullres"].parent, ["3d_fullres"], [0])
+
+
+@pytest.mark.parametrize("config,workflow_type", [("train.json", "train"), ("inference.json", "infer")])
+def test_workflow_properties_are_complete(emitted, config, workflow_type):
+    from monai.bundle import ConfigWorkflow
+
+    bundle = emitted[2]["3d_fullres"]
+    sys.path.insert(0, str(bundle))
+    try:
+        workflow = ConfigWorkflow(config_file=str(bundle / "configs" / config),
+                                  meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                                  workflow_type=workflow_type, bundle_root=str(bundle), initialize=[])
+        workflow.initialize()  # parses the config; the bundle's own initialize (weights, seeds) is skipped
+        assert workflow.check_properties() == []
+    finally:
+        sys.path.remove(str(bundle))
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+
+
+def test_verify_net_in_out(emitted):
+    for bundle in emitted[2].values():
+        result = bundle_cmd(bundle, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                            "--config_file", "configs/inference.json", "--n", "2")
+        assert "verified" in (result.stdout + result.stderr).lower() or result.returncode == 0
+
+
+def test_training_writes_models_progress_and_validation(trained_3d):
+    raw, bundle = trained_3d
+    for f in ("models/model.pt", "models/model_best.pt", "models/checkpoint_latest.pt", "eval/progress.png",
+              "eval/validation/summary.json"):
+        assert (bundle / f).is_file(), f
+    assert list((bundle / "eval" / "tensorboard").iterdir())
+    progress = json.loads((bundle / "eval/progress.json").read_text())
+    assert progress["epoch"] == [1] and np.isfinite(progress["train_loss"][0])
+    summary = json.loads((bundle / "eval/validation/summary.json").read_text())
+    val_cases = json.loads((bundle / "configs/train.json").read_text())["val_cases"]
+    assert len(summary["metric_per_case"]) == len(val_cases)
+    assert set(summary["mean"]) == {"1", "2"} and "Dice" in summary["foreground_mean"]
+    assert (bundle.parent / "preprocessed").is_dir()  # the shared cache
+
+
+def test_resume_continues_from_the_last_epoch(trained_3d):
+    raw, bundle = trained_3d
+    result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
+                        *FAST[2:])
+    assert "resumed from" in result.stdout + result.stderr
+    progress = json.loads((bundle / "eval/progress.json").read_text())
+    assert progress["epoch"] == [1, 2]
+
+
+def assert_same_geometry(prediction: Path, image: Path):
+    a, b = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(image))
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetSpacing(), b.GetSpacing()) and np.allclose(a.GetOrigin(), b.GetOrigin())
+    assert np.allclose(a.GetDirection(), b.GetDirection())
+    labels = sitk.GetArrayFromImage(a)
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_inference_keeps_input_geometry_and_moves_with_the_bundle(trained_3d, tmp_path):
+    raw, bundle = trained_3d
+    out = tmp_path / "pred"
+    bundle_cmd(bundle, "run", "--config_file", "configs/inference.json", "--dataset_dir", raw / "imagesTs",
+               "--output_dir", out, "--use_tta", "False", "--save_probabilities", "True")
+    assert sorted(p.name for p in out.iterdir()) == ["case_005.nii.gz", "case_005.npz"]
+    assert_same_geometry(out / "case_005.nii.gz", raw / "imagesTs" / "case_005_0000.nii.gz")
+    probabilities = np.load(out / "case_005.npz")["probabilities"]
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTs" / "case_005_0000.nii.gz")))
+    assert probabilities.shape == (3, *image.shape)
+    assert np.allclose(probabilities.sum(0), 1, atol=1e-4)
+    # a zipped, moved and extracted copy predicts the same
+    archive = tmp_path / f"{bundle.name}.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in bundle.rglob("*"):
+            if f.is_file() and "eval" not in f.relative_to(bundle).parts:
+                z.write(f, Path(bundle.name) / f.relative_to(bundle))
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(tmp_path / "elsewhere")
+    moved = tmp_path / "elsewhere" / bundle.name
+    out2 = tmp_path / "pred2"
+    bundle_cmd(moved, "run", "--config_file", "configs/inference.json", "--dataset_dir",
+               raw / "imagesTs" / "case_005_0000.nii.gz", "--output_dir", out2, "--use_tta", "False")
+    first = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_005.nii.gz")))
+    second = sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / "case_005.nii.gz")))
+    np.testing.assert_array_equal(first, second)
+
+
+def test_ckpt_export_gives_the_same_output(trained_3d):
+    import torch
+
+    raw, bundle = trained_3d
+    patch = json.loads((bundle / "configs/inference.json").read_text())["patch_size"]
+    bundle_cmd(bundle, "ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
+               "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "True",
+               "--input_shape", json.dumps([1, 1, *patch]))
+    traced = torch.jit.load(str(bundle / "models/model.ts"))
+    sys.path.insert(0, str(bundle))
+    try:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs/inference.json"))
+        parser["bundle_root"] = str(bundle)
+        network = parser.get_parsed_content("network_def")
+        network.load_state_dict(torch.load(bundle / "models/model.pt", map_location="cpu"))
+        network.eval()
+        x = torch.randn(1, 1, *patch)
+        with torch.no_grad():
+            np.testing.assert_allclose(traced(x).numpy(), network(x).numpy(), rtol=1e-4, atol=1e-4)
+    finally:
+        sys.path.remove(str(bundle))
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+
+
+def test_2d_configuration_trains_and_predicts_slice_by_slice(emitted, tmp_path):
+    raw, _, bundles = emitted
+    bundle = bundles["2d"]
+    bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", *FAST)
+    assert (bundle / "models/model.pt").is_file()
+    bundle_cmd(bundle, "run", "--config_file", "configs/inference.json", "--dataset_dir", raw / "imagesTs",
+               "--output_dir", tmp_path, "--use_tta", "False")
+    assert_same_geometry(tmp_path / "case_005.nii.gz", raw / "imagesTs" / "case_005_0000.nii.gz")
+
+
+def test_multi_process_training_on_gloo(emitted, tmp_path):
+    raw, _, bundles = emitted
+    copy = tmp_path / "ddp" / bundles["3d_fullres"].name
+    shutil.copytree(bundles["3d_fullres"], copy, ignore=shutil.ignore_patterns("models", "eval"))
+    (copy / "models").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "monai.bundle",
+         "run", "training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
+         "--cache_dir", str(bundles["3d_fullres"].parent / "preprocessed"), *FAST],
+        cwd=copy, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (copy / "models/model.pt").is_file()
+    assert (copy / "eval/validation/summary.json").is_file()
