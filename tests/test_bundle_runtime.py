@@ -1,0 +1,153 @@
+"""The bundle runtime pieces written here (not MONAI's): pre/postprocessing, patch sampling, augmentation settings,
+TTA inferer, loss and pseudo-Dice."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from autoplan.emit import augmentation_settings
+from bundles.scripts.data import PatchDataset, initial_patch_size
+from bundles.scripts.inference import NnUNetInferer
+from bundles.scripts.losses import DiceCELoss, deep_supervision_weights
+from bundles.scripts.metrics import PseudoDice
+from bundles.scripts.preprocessing import (PlanSettings, from_nnunet_order, logits_to_original, normalize,
+                                           preprocess_case, to_nnunet_order)
+
+RESAMPLING = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+
+
+def plan(spacing, transpose=(0, 1, 2), schemes=("ZScoreNormalization",), use_mask=(False,), props=None):
+    backward = [list(transpose).index(i) for i in range(3)]
+    return PlanSettings(list(spacing), list(transpose), backward, list(schemes), list(use_mask),
+                        props or {"0": {"mean": 10.0, "std": 2.0, "percentile_00_5": 0.0, "percentile_99_5": 20.0}},
+                        dict(RESAMPLING), {**RESAMPLING, "is_seg": True, "order": 1},
+                        {**RESAMPLING, "order": 1})
+
+
+def test_axis_order_round_trip():
+    array = np.random.rand(2, 5, 6, 7)
+    nn, spacing = to_nnunet_order(array, [0.5, 0.7, 3.0])
+    assert nn.shape == (2, 7, 6, 5) and spacing == [3.0, 0.7, 0.5]
+    np.testing.assert_array_equal(from_nnunet_order(nn, 3), array)
+    flat, spacing2d = to_nnunet_order(np.random.rand(1, 5, 6), [1.0, 1.0])
+    assert flat.shape == (1, 1, 6, 5) and spacing2d == [999.0, 1.0, 1.0]
+
+
+def test_normalization_schemes():
+    data = np.stack([np.array([[[-50.0, 5.0], [15.0, 40.0]]]), np.array([[[0.0, 2.0], [4.0, 6.0]]])])
+    seg = np.array([[[[-1, 0], [0, 0]]]])
+    p = plan([1, 1, 1], schemes=("CTNormalization", "ZScoreNormalization"), use_mask=(False, True),
+             props={"0": {"mean": 10.0, "std": 2.0, "percentile_00_5": 0.0, "percentile_99_5": 20.0}})
+    out = normalize(data, seg, p)
+    np.testing.assert_allclose(out[0].ravel(), [(0 - 10) / 2, (5 - 10) / 2, (15 - 10) / 2, (20 - 10) / 2])
+    inside = np.array([2.0, 4.0, 6.0])
+    assert out[1, 0, 0, 0] == 0.0  # outside the mask stays 0
+    np.testing.assert_allclose(out[1].ravel()[1:], (inside - inside.mean()) / inside.std(), rtol=1e-6)
+
+
+def test_preprocess_and_restore_round_trip_with_transpose_and_resampling():
+    rng = np.random.default_rng(0)
+    seg = np.zeros((1, 12, 30, 28), np.int16)
+    seg[0, 3:9, 8:22, 6:20] = 1
+    seg[0, 5:7, 12:16, 10:14] = 2
+    data = np.zeros((1, 12, 30, 28), np.float32)
+    data[:, 1:11, 2:28, 2:26] = rng.normal(100, 5, (1, 10, 26, 24))  # the zero border is cropped
+    p = plan([0.8, 0.8, 2.4], transpose=(2, 0, 1))  # transposed spacing of (0.8, 0.8, 2.4) as nnU-Net stores it
+    spacing = [0.8, 2.5, 0.8]  # (z, y, x): y is the coarse axis, moved first by the transpose
+    pre, pre_seg, props = preprocess_case(data, spacing, p, seg)
+    assert props["shape_before_cropping"] == [28, 12, 30]
+    assert [tuple(b) for b in props["bbox_used_for_cropping"]] == [(2, 26), (1, 11), (2, 28)]
+    assert pre.shape[1:] == pre_seg.shape[1:]
+    onehot = np.stack([(pre_seg[0] == c) for c in range(3)]).astype(np.float32) * 10
+    labels, probabilities = logits_to_original(onehot, json.loads(json.dumps(props)), p, return_probabilities=True)
+    assert labels.shape == seg.shape[1:] and probabilities.shape == (3, *seg.shape[1:])
+    for c in (1, 2):
+        dice = 2 * np.sum((labels == c) & (seg[0] == c)) / (np.sum(labels == c) + np.sum(seg[0] == c))
+        assert dice > 0.9, (c, dice)
+
+
+def test_initial_patch_size_matches_spec_examples():
+    assert initial_patch_size([40, 56, 40], np.pi / 6) == [73, 80, 64]
+    assert initial_patch_size([128, 128, 128], np.pi / 6) == [205, 205, 205]
+    assert initial_patch_size([512, 512], np.pi) == [602, 602]
+    assert initial_patch_size([8, 160, 160], np.pi, dummy_2d=True)[0] == 8
+
+
+def test_augmentation_settings_follow_the_patch():
+    assert augmentation_settings([40, 56, 40]) == {"two_d": False, "dummy_2d": False, "rotation": np.pi / 6,
+                                                   "mirror_axes": [0, 1, 2]}
+    assert augmentation_settings([8, 160, 160])["dummy_2d"] and augmentation_settings([8, 160, 160])["rotation"] == np.pi
+    assert augmentation_settings([320, 320])["rotation"] == np.pi
+    assert augmentation_settings([512, 128])["rotation"] == pytest.approx(15 / 180 * np.pi)
+
+
+def test_patch_dataset_forces_foreground_for_the_last_third(tmp_path):
+    from bundles.scripts.data import foreground_locations
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    seg = np.zeros((1, 40, 40, 40), np.int8)
+    seg[0, 30:33, 30:33, 30:33] = 1
+    np.save(cache / "a_data.npy", np.random.rand(1, 40, 40, 40).astype(np.float32))
+    np.save(cache / "a_seg.npy", seg)
+    np.savez(cache / "a_locations.npz", **foreground_locations(seg, [1], np.random.RandomState(0)))
+    ds = PatchDataset.__new__(PatchDataset)  # skip preprocessing: the cache is written above
+    ds.__dict__.update(cache_dir=cache, cases=["a"], patch_size=[8, 8, 8], final_patch_size=[8, 8, 8], batch_size=3,
+                       length=300, first_forced=round(3 * 0.67), transform=None, two_d=False, ignore_label=None,
+                       _rng=None, _seed=None)
+    forced = [bool((ds[i]["label"] > 0).any()) for i in range(2, 300, 3)]
+    random = [bool((ds[i]["label"] > 0).any()) for i in range(0, 300, 3)]
+    assert all(forced)
+    assert sum(random) < len(random) / 2
+    assert ds[0]["image"].shape == (1, 8, 8, 8) and ds[0]["label"].dtype == torch.float32
+
+
+def test_inferer_mirroring_averages_flipped_predictions():
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    inferer = NnUNetInferer(roi_size=[8, 8, 8], mirror_axes=[0, 1, 2], mode="constant")
+    with torch.no_grad():
+        out = inferer(x, net)
+        manual = sum(torch.flip(net(torch.flip(x, dims)), dims) if dims else net(x)
+                     for dims in [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]) / 8
+    torch.testing.assert_close(out, manual, rtol=1e-5, atol=1e-5)
+
+
+def test_inferer_runs_2d_networks_slice_by_slice():
+    net = torch.nn.Conv2d(1, 3, 3, padding=1).eval()
+    with torch.no_grad():
+        out = NnUNetInferer(roi_size=[8, 8], mirror_axes=[0, 1], two_d=True)(torch.randn(1, 1, 5, 10, 9), net)
+    assert out.shape == (1, 3, 5, 10, 9)
+
+
+def test_loss_ignores_the_ignore_label():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 6, 6, 6)
+    target = torch.randint(0, 3, (2, 1, 6, 6, 6))
+    target[:, :, :3] = 3  # ignored
+    loss = DiceCELoss(batch_dice=False, ignore_label=3)
+    changed = logits.clone()
+    changed[:, :, :3] = torch.randn(2, 3, 3, 6, 6) * 10
+    assert torch.isclose(loss(logits, target), loss(changed, target))
+    assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
+
+
+def test_pseudo_dice_sums_counts_and_keeps_an_ema():
+    metric = PseudoDice(num_classes=3)
+    pred = torch.zeros(1, 3, 4, 4)
+    pred[0, 1, :2] = 5
+    pred[0, 2, 2:] = 5
+    label = torch.zeros(1, 1, 4, 4)
+    label[0, 0, :2] = 1
+    label[0, 0, 2:3] = 2
+    metric.reset()
+    metric.update((pred, label))
+    first = metric.compute()
+    assert metric.last_per_class == pytest.approx([1.0, 2 * 4 / (2 * 4 + 4)])
+    assert first == pytest.approx((1.0 + 2 / 3) / 2)
+    metric.reset()
+    metric.update((pred, torch.zeros(1, 1, 4, 4) + 1))  # class 2 absent from the reference: Dice 0
+    assert metric.compute() == pytest.approx(0.9 * first + 0.1 * np.mean([2 * 8 / (16 + 8), 0.0]))
