@@ -126,10 +126,15 @@ def test_training_writes_models_progress_and_validation(trained_3d):
 def test_resume_continues_from_the_last_epoch(trained_3d):
     raw, bundle = trained_3d
     result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
-                        *FAST[2:])
+                        *FAST[2:], "--tracking", "mlflow")
     assert "resumed from" in result.stdout + result.stderr
     progress = json.loads((bundle / "eval/progress.json").read_text())
     assert progress["epoch"] == [1, 2]
+    import mlflow  # MONAI's --tracking mlflow wrote the run through the standard handler ids
+
+    mlflow.set_tracking_uri(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and {"metrics.train_loss", "metrics.val_pseudo_dice"} <= set(runs.columns)
 
 
 def assert_same_geometry(prediction: Path, image: Path):
