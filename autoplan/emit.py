@@ -24,7 +24,7 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 TEMPLATES = BUNDLES / "templates"
 SCRIPTS = BUNDLES / "scripts"
 BUNDLE_VERSION = "0.1.0"
-SUPPORTED = ("2d", "3d_fullres", "3d_lowres")
+SUPPORTED = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 
 def augmentation_settings(patch_size: list[int]) -> dict:
@@ -40,13 +40,16 @@ def augmentation_settings(patch_size: list[int]) -> dict:
     return {"two_d": two_d, "dummy_2d": dummy_2d, "rotation": rotation, "mirror_axes": mirror_axes}
 
 
-def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fold, train: list, val: list) -> dict:
+def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fold, train: list, val: list,
+                  num_folds: int = 5) -> dict:
     """The top-level ids shared by train.json and inference.json for one bundle."""
     config = resolve_configuration(plans, configuration)
     labels = parse_labels(spec["labels"], spec.get("regions_class_order"))
     patch = [int(p) for p in config["patch_size"]]
     augmentation = augmentation_settings(patch)
     n_stages = config["architecture"]["arch_kwargs"]["n_stages"]
+    num_channels = len(spec.get("channel_names", spec.get("modality", {})))
+    previous = config.get("previous_stage")
     return {
         "dataset_dir": str(raw_dir.resolve()),
         "configuration": configuration,
@@ -55,7 +58,8 @@ def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fo
         "val_cases": val,
         "labels": spec["labels"],
         "file_ending": spec["file_ending"],
-        "num_channels": len(spec.get("channel_names", spec.get("modality", {}))),
+        "num_channels": num_channels,
+        "in_channels": num_channels + (len(labels.foreground_labels) if previous else 0),
         "num_classes": labels.num_outputs,
         "foreground_labels": labels.foreground_labels,
         "ignore_label": labels.ignore_label,
@@ -64,6 +68,10 @@ def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fo
         "batch_size": int(config["batch_size"]),
         "batch_dice": bool(config["batch_dice"]),
         "ds_outputs": n_stages - 1 if n_stages >= 3 else 1,
+        # cascade: the previous stage's cross-validation predictions, from its sibling fold bundles
+        "previous_stage_dirs": None if not previous else (
+            f"$[os.path.join(@bundle_root, '..', '{plans['dataset_name']}_{previous}_fold' + str(k), 'eval', "
+            f"'validation') for k in range({num_folds})]"),
         **augmentation,
     }
 
@@ -119,7 +127,7 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
         "network_data_format": {
             "inputs": {"image": {
                 "type": "image", "format": "hounsfield" if is_ct else "magnitude",
-                "modality": "CT" if is_ct else "MR", "num_channels": values["num_channels"],
+                "modality": "CT" if is_ct else "MR", "num_channels": values["in_channels"],
                 "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
                 "channel_def": {str(k): v for k, v in channels.items()}}},
             "outputs": {"pred": {
@@ -205,6 +213,32 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 """
 
 
+def _cascade(train: dict, inference: dict) -> None:
+    """The cascade's extra input: the previous stage's prediction travels as ``prev`` (spatially augmented like a
+    label) and becomes one-hot channels of the image at the end of the pipeline (spec 5.4 row 13; the random
+    morphology nnU-Net applies to it is not reproduced)."""
+    to_channels = {"_target_": "scripts.data.PreviousStageToChannelsd", "keys": "prev", "image_key": "image",
+                   "labels": "@foreground_labels"}
+    for stage in ("train", "validate"):
+        train[stage]["datalist"] = (f"$scripts.data.with_previous_stage({train[stage]['datalist'][1:]}, "
+                                    "@previous_stage_dirs, @file_ending)")
+        transforms = train[stage]["preprocessing"]["transforms"]
+        for t in transforms:
+            if t["_target_"] == "scripts.augmentation.NnUNetSpatiald":
+                t["keys"] = ["image", "label", "prev"]
+                t["mode"] = ["bilinear", "nearest", "nearest"]
+            if t["_target_"] == "RandFlipd":
+                t["keys"] = ["image", "label", "prev"]
+        transforms.insert(len(transforms) - 1, to_channels)
+    inference["previous_stage_dir"] = "$@bundle_root + '/eval/previous_stage'"
+    inference["datalist"] = ("$scripts.data.with_previous_stage(scripts.data.list_cases(@dataset_dir, @file_ending, "
+                             "@num_channels) if os.path.isdir(@dataset_dir) else [{'image': @dataset_dir}], "
+                             "[@previous_stage_dir], @file_ending)")
+    load, preprocess = inference["preprocessing"]["transforms"][:2]
+    load["keys"] = ["image", "prev"]
+    preprocess.update(previous_key="prev", foreground_labels="@foreground_labels")
+
+
 def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: str, values: dict) -> Path:
     """Write one bundle folder atomically: built in a temp folder, then renamed into place."""
     target = out / name
@@ -215,13 +249,15 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
     try:
         configs = tmp / "configs"
         configs.mkdir()
-        train_values = dict(values)
-        (configs / "train.json").write_text(json.dumps(_with_values(_template("train.json"), train_values), indent=4))
-        infer_keys = set(_template("inference.json"))
+        train = _with_values(_template("train.json"), values)
+        infer_keys = set(_template("inference.json")) | {"foreground_labels"}
         infer_values = {k: v for k, v in values.items() if k in infer_keys}
         infer_values["dataset_dir"] = str(Path(values["dataset_dir"]) / "imagesTs")
-        (configs / "inference.json").write_text(json.dumps(_with_values(_template("inference.json"), infer_values),
-                                                           indent=4))
+        inference = _with_values(_template("inference.json"), infer_values)
+        if values["previous_stage_dirs"]:
+            _cascade(train, inference)
+        (configs / "train.json").write_text(json.dumps(train, indent=4))
+        (configs / "inference.json").write_text(json.dumps(inference, indent=4))
         for extra in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
             shutil.copyfile(TEMPLATES / extra, configs / extra)
         (configs / "plans.json").write_text(json.dumps(plans, indent=4))
@@ -267,7 +303,7 @@ def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), s
     for configuration in configurations:
         for fold in folds:
             train, val = fold_cases(splits, fold, case_ids)
-            values = bundle_values(plans, configuration, dataset.spec, raw_dir, fold, train, val)
+            values = bundle_values(plans, configuration, dataset.spec, raw_dir, fold, train, val, len(splits))
             name = f"{plans['dataset_name']}_{configuration}_fold{fold}"
             written.append(write_bundle(out, name, plans, dataset.spec, configuration, values))
     return written

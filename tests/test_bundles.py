@@ -225,3 +225,39 @@ def test_multi_process_training_on_gloo(emitted, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (copy / "models/model.pt").is_file()
     assert (copy / "eval/validation/summary.json").is_file()
+
+
+def test_cascade_uses_the_previous_stage_as_extra_channels(emitted, tmp_path):
+    """3d_cascade_fullres trains on the 3d_lowres folds' validation predictions and predicts from a lowres output."""
+    raw, plans_path, _ = emitted
+    plans = json.loads(plans_path.read_text())
+    lowres = json.loads(json.dumps(plans["configurations"]["3d_fullres"]))
+    lowres.update(data_identifier="nnUNetPlans_3d_lowres", spacing=[s * 1.5 for s in lowres["spacing"]],
+                  next_stage="3d_cascade_fullres")
+    plans["configurations"]["3d_lowres"] = lowres
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    (tmp_path / "plans.json").write_text(json.dumps(plans))
+    out = tmp_path / "bundles"
+    written = emit(tmp_path / "plans.json", raw, out, ["3d_lowres", "3d_cascade_fullres"], [0, 1, 2, 3, 4])
+    assert len(written) == 10
+    splits = json.loads((out / "splits_final.json").read_text())
+    for k, split in enumerate(splits):  # stand-in for trained lowres folds: their validation "predictions"
+        folder = out / f"Dataset960_Tiny_3d_lowres_fold{k}" / "eval" / "validation"
+        folder.mkdir(parents=True)
+        for case in split["val"]:
+            shutil.copyfile(raw / "labelsTr" / f"{case}.nii.gz", folder / f"{case}.nii.gz")
+    cascade = out / "Dataset960_Tiny_3d_cascade_fullres_fold0"
+    train = json.loads((cascade / "configs/train.json").read_text())
+    assert train["in_channels"] == 3  # 1 image channel + 2 foreground labels
+    bundle_cmd(cascade, "run", "training", "--config_file", "configs/train.json", *FAST)
+    assert (cascade / "eval/validation/summary.json").is_file()
+    previous = cascade / "eval" / "previous_stage"
+    previous.mkdir()
+    shutil.copyfile(raw / "labelsTr" / "case_000.nii.gz", previous / "case_005.nii.gz")  # any label map will do
+    label = sitk.ReadImage(str(raw / "labelsTr" / "case_000.nii.gz"))
+    image = sitk.ReadImage(str(raw / "imagesTs" / "case_005_0000.nii.gz"))
+    if label.GetSize() != image.GetSize():  # the stand-in must match the test image's grid
+        sitk.WriteImage(sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor), str(previous / "case_005.nii.gz"))
+    bundle_cmd(cascade, "run", "--config_file", "configs/inference.json", "--dataset_dir", raw / "imagesTs",
+               "--output_dir", tmp_path / "pred", "--use_tta", "False")
+    assert_same_geometry(tmp_path / "pred" / "case_005.nii.gz", raw / "imagesTs" / "case_005_0000.nii.gz")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage
+from monai.transforms import LoadImage, MapTransform
 
-from .preprocessing import PlanSettings, preprocess_case, spacing_from_meta, to_nnunet_order
+from .preprocessing import (PlanSettings, one_hot, preprocess_case, preprocess_previous_stage, spacing_from_meta,
+                            to_nnunet_order)
 
 MAX_LOCATIONS = 10000
 LOCATION_SEED = 1234
@@ -56,6 +57,20 @@ def list_cases(images_dir, file_ending: str, num_channels: int, labels_dir=None,
         absent = sorted(set(cases) - {i["case"] for i in items})
         if absent:
             raise FileNotFoundError(f"{images_dir}: no images for case(s) {absent[:10]}")
+    return items
+
+
+def with_previous_stage(datalist: list[dict], folders, file_ending: str) -> list[dict]:
+    """Adds ``prev``: the previous stage's prediction of each case, found in any of ``folders`` (cascade)."""
+    items = []
+    for item in datalist:
+        case = item.get("case") or case_name({"filename_or_obj": item["image"]})["subject"]
+        found = [os.path.join(str(f), case + file_ending) for f in folders
+                 if os.path.isfile(os.path.join(str(f), case + file_ending))]
+        if not found:
+            raise FileNotFoundError(f"no previous-stage prediction {case}{file_ending} in {list(map(str, folders))}: "
+                                    "train (or predict with) the 3d_lowres bundles first")
+        items.append({**item, "prev": found[0]})
     return items
 
 
@@ -123,7 +138,10 @@ def preprocess_to_cache(datalist: list[dict], plans: dict, configuration: str, c
     plan = PlanSettings.from_plans(plans, configuration)
     from .preprocessing import resolve_configuration
 
-    folder = cache_folder(cache_root, resolve_configuration(plans, configuration)["data_identifier"], plan)
+    identifier = resolve_configuration(plans, configuration)["data_identifier"]
+    if any("prev" in item for item in datalist):
+        identifier += "_with_previous_stage"
+    folder = cache_folder(cache_root, identifier, plan)
     folder.mkdir(parents=True, exist_ok=True)
     todo = [item for item in datalist if not (folder / f"{item['case']}.json").is_file()]
     jobs = [(item, plan, foreground_labels, ignore_label, str(folder)) for item in todo]
@@ -144,6 +162,10 @@ def _preprocess_job(job):
     data, seg, spacing = load_case(item["image"], item.get("label"))
     data, seg, props = preprocess_case(data, spacing, plan, seg)
     seg = seg.astype(np.int8 if seg.max() <= 127 else np.int16)
+    if "prev" in item:
+        previous = load_case([item["prev"]])[0]
+        _save_npy_atomic(folder / f"{item['case']}_prev.npy",
+                         preprocess_previous_stage(previous, props, plan).astype(np.int16))
     locations = foreground_locations(seg, foreground_labels, np.random.RandomState(LOCATION_SEED), ignore_label)
     _save_npy_atomic(folder / f"{item['case']}_data.npy", data)
     _save_npy_atomic(folder / f"{item['case']}_seg.npy", seg)
@@ -237,7 +259,9 @@ class PatchDataset(torch.utils.data.Dataset):
         seg = np.load(self.cache_dir / f"{case}_seg.npy", mmap_mode="r")
         with np.load(self.cache_dir / f"{case}_locations.npz") as z:
             locations = {k: z[k] for k in z.files}
-        return data, seg, locations
+        previous = self.cache_dir / f"{case}_prev.npy"
+        previous = np.load(previous, mmap_mode="r") if previous.is_file() else None
+        return data, seg, previous, locations
 
     def _pick_voxel(self, locations: dict, key: str | None = None):
         """A stored voxel of ``key``, or of a random class (the ``annotated`` key only if no class has voxels)."""
@@ -249,7 +273,7 @@ class PatchDataset(torch.utils.data.Dataset):
         coords = locations[classes[self.rng.integers(len(classes))]]
         return coords[self.rng.integers(len(coords))]
 
-    def _crop(self, data, seg, center):
+    def _crop(self, data, seg, center, previous=None):
         shape = data.shape[1:]
         patch = self.patch_size
         need = [max(p - f, 0) for p, f in zip(patch, self.final_patch_size)]
@@ -266,11 +290,15 @@ class PatchDataset(torch.utils.data.Dataset):
         dst = tuple(slice(max(b, 0) - b, min(b + p, s) - b) for b, p, s in zip(start, patch, shape))
         image[(slice(None),) + dst] = data[(slice(None),) + src]
         label[(slice(None),) + dst] = seg[(slice(None),) + src]
-        return image, label
+        if previous is None:
+            return image, label, None
+        prev = np.zeros((1, *patch), np.float32)
+        prev[(slice(None),) + dst] = previous[(slice(None),) + src]
+        return image, label, prev
 
     def __getitem__(self, index: int):
         case = self.cases[self.rng.integers(len(self.cases))]
-        data, seg, locations = self._load(case)
+        data, seg, previous, locations = self._load(case)
         forced = index % self.batch_size >= self.first_forced
         if forced:
             voxel = self._pick_voxel(locations)
@@ -282,7 +310,26 @@ class PatchDataset(torch.utils.data.Dataset):
             z = int(voxel[0]) if voxel is not None else int(self.rng.integers(data.shape[1]))
             data, seg = data[:, z], seg[:, z]
             voxel = voxel[1:] if voxel is not None else None
-        image, label = self._crop(data, seg, voxel)
+        image, label, prev = self._crop(data, seg, voxel, previous)
         # labels travel as float32 so that interpolating and non-interpolating augmentations batch together
         item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.float32)), "case": case}
+        if prev is not None:
+            item["prev"] = torch.from_numpy(prev)
         return self.transform(item) if self.transform is not None else item
+
+
+class PreviousStageToChannelsd(MapTransform):
+    """Cascade: the (augmented) previous-stage label map becomes one-hot channels appended to the image."""
+
+    def __init__(self, keys, image_key: str = "image", labels=(), allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.labels = list(labels)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            previous = torch.as_tensor(np.asarray(d.pop(key)))
+            channels = torch.from_numpy(one_hot(np.rint(previous.numpy()), self.labels))
+            d[self.image_key] = torch.cat([torch.as_tensor(d[self.image_key]), channels])
+        return d

@@ -76,16 +76,21 @@ class SaveProbabilitiesd(MapTransform):
 
 
 def predict_validation(bundle_root, images_dir, labels_dir, cases, output_dir, device=None,
-                       save_probabilities: bool = False) -> dict:
-    """Predict a fold's validation cases with ``configs/inference.json`` and evaluate them (``summary.json``)."""
+                       save_probabilities: bool = False, previous_stage_dirs=None) -> dict:
+    """Predict a fold's validation cases with ``configs/inference.json`` and evaluate them (``summary.json``).
+
+    A cascade bundle finds each case's previous-stage prediction in ``previous_stage_dirs``.
+    """
     from monai.bundle import ConfigWorkflow
 
-    from .data import list_cases
+    from .data import list_cases, with_previous_stage
     from .evaluation import evaluate_folder
 
     bundle_root = Path(bundle_root)
     config = json.loads((bundle_root / "configs" / "inference.json").read_text())
     datalist = list_cases(images_dir, config["file_ending"], config["num_channels"], cases=list(cases))
+    if previous_stage_dirs:
+        datalist = with_previous_stage(datalist, previous_stage_dirs, config["file_ending"])
     overrides = {"bundle_root": str(bundle_root), "output_dir": str(output_dir), "datalist": datalist,
                  "save_probabilities": save_probabilities}
     if device is not None:

@@ -157,8 +157,26 @@ def preprocess_case(data: np.ndarray, spacing: list, plan: PlanSettings, seg: np
     data = resample_data_or_seg_to_shape(data, new_shape, spacing_t, target, **plan.data_kwargs)
     seg = resample_data_or_seg_to_shape(seg, new_shape, spacing_t, target, **plan.seg_kwargs) if has_seg else None
     properties = {"shape_before_cropping": shape_before, "bbox_used_for_cropping": bbox,
-                  "shape_after_cropping_and_before_resampling": shape_cropped, "spacing_transposed": spacing_t}
+                  "shape_after_cropping_and_before_resampling": shape_cropped, "spacing_transposed": spacing_t,
+                  "shape_after_resampling": [int(s) for s in new_shape]}
     return data.astype(np.float32, copy=False), seg, properties
+
+
+def preprocess_previous_stage(previous: np.ndarray, properties: dict, plan: PlanSettings) -> np.ndarray:
+    """A previous stage's label map (1, z, y, x), in nnU-Net order and the original geometry, brought onto the
+    preprocessed grid of its case the way nnU-Net's cascade does: same transpose and crop, resampled as a seg."""
+    forward = [0] + [a + 1 for a in plan.transpose_forward]
+    previous = np.rint(previous).astype(np.int16).transpose(forward)
+    window = (slice(None),) + tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
+    previous = previous[window]
+    target = target_spacing(plan, properties["spacing_transposed"])
+    return resample_data_or_seg_to_shape(previous, properties["shape_after_resampling"],
+                                         properties["spacing_transposed"], target, **plan.seg_kwargs)
+
+
+def one_hot(seg: np.ndarray, labels) -> np.ndarray:
+    """Foreground labels of a (1, ...) label map as float32 channels (the cascade's extra inputs)."""
+    return np.stack([(seg[0] == label) for label in labels]).astype(np.float32)
 
 
 # --- inverse ---------------------------------------------------------------------------------------------------
@@ -193,9 +211,12 @@ class NnUNetPreprocessd(MapTransform):
     collation unchanged); the image keeps the original meta data (affine, file name) for ``NnUNetRestored``.
     """
 
-    def __init__(self, keys: KeysCollection, plans: dict, configuration: str, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, plans: dict, configuration: str, previous_key: str | None = None,
+                 foreground_labels=(), allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.plan = PlanSettings.from_plans(plans, configuration)
+        self.previous_key = previous_key  # cascade: the previous stage's prediction, appended as one-hot channels
+        self.foreground_labels = list(foreground_labels)
 
     def __call__(self, data):
         d = dict(data)
@@ -204,6 +225,10 @@ class NnUNetPreprocessd(MapTransform):
             array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
             nn_array, spacing = to_nnunet_order(array, spacing_from_meta(image))
             pre, _, props = preprocess_case(nn_array, spacing, self.plan)
+            if self.previous_key is not None:
+                previous, _ = to_nnunet_order(np.asarray(d.pop(self.previous_key)), spacing[::-1])
+                previous = preprocess_previous_stage(previous, props, self.plan)
+                pre = np.concatenate([pre, one_hot(previous, self.foreground_labels)])
             props["spatial_dims"] = array.ndim - 1
             d[f"{key}_nnunet"] = json.dumps(props)
             meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
