@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 from autoplan.dataset import DatasetError, load_dataset, parse_labels
-from autoplan.files import write_json_atomic
+from autoplan.files import atomic_folder, write_json_atomic
 from autoplan.splits import fold_cases, kfold_splits, load_splits
 from bundles.scripts.data import initial_patch_size
 from bundles.scripts.preprocessing import resolve_configuration
@@ -244,9 +243,7 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
     target = out / name
     if target.exists():
         raise FileExistsError(f"{target}: bundle already exists (remove it, or emit into another folder)")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{name}."))
-    try:
+    with atomic_folder(target) as tmp:
         configs = tmp / "configs"
         configs.mkdir()
         train = _with_values(_template("train.json"), values)
@@ -271,10 +268,6 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
             (tmp / "docs" / "data_license.txt").write_text(str(spec.get("licence") or spec.get("license")) + "\n")
         (tmp / "LICENSE").write_text(MIT_LICENSE)
         (tmp / "models").mkdir()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from autoplan.dataset import DatasetError, load_json
+from autoplan.files import atomic_folder
 
 DROPPED_KEYS = ("training", "test", "numTest", "tensorImageSize", "modality", "labels")
 
@@ -55,9 +55,7 @@ def convert_msd(task_dir, out_dir) -> Path:
         raise DatasetError([f"{out_dir}: output folder already exists and is not empty"])
     modalities = {str(k): v for k, v in sorted(spec["modality"].items(), key=lambda kv: int(kv[0]))}
     num_channels = len(modalities)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_folder(out_dir) as tmp:
         for sub in ("imagesTr", "labelsTr"):
             (tmp / sub).mkdir()
         for entry in spec["training"]:
@@ -80,10 +78,4 @@ def convert_msd(task_dir, out_dir) -> Path:
         v2["numTraining"] = len(spec["training"])
         v2["file_ending"] = ".nii.gz"
         (tmp / "dataset.json").write_text(json.dumps(v2, indent=4) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

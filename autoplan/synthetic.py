@@ -8,11 +8,11 @@ Every channel gives the structures a different contrast. 2-D shapes are written 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from autoplan.files import atomic_folder
 
 
 def _as_tuple(value, n: int | None = None) -> tuple:
@@ -92,8 +92,6 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
     The folder appears complete or not at all.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: already exists and is not empty")
     shape = _as_tuple(shape)
     spacing = _as_tuple(1.0 if spacing is None else spacing, len(shape))
     is_2d = len(shape) == 2
@@ -105,9 +103,7 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
     spacing_zyx = (1.0,) + tuple(spacing[::-1]) if is_2d else tuple(spacing[::-1])
     ending = ".png" if is_2d else ".nii.gz"
     rng = np.random.default_rng(seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_folder(out_dir) as tmp:
         for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test_cases else ()):
             (tmp / sub).mkdir()
         for i in range(cases + test_cases):
@@ -133,10 +129,4 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
             "licence": "CC0 (synthetic)",
         }
         (tmp / "dataset.json").write_text(json.dumps(spec, indent=4) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
