@@ -83,25 +83,39 @@ def test_augmentation_settings_follow_the_patch():
     assert augmentation_settings([512, 128])["rotation"] == pytest.approx(15 / 180 * np.pi)
 
 
-def test_patch_dataset_forces_foreground_for_the_last_third(tmp_path):
+def cached_dataset(cache, seg, ignore_label=None, batch_size=3):
+    """A PatchDataset over one hand-written cached case (skipping the preprocessing of real files)."""
     from bundles.scripts.data import foreground_locations
 
-    cache = tmp_path / "cache"
     cache.mkdir()
+    np.save(cache / "a_data.npy", np.random.rand(1, *seg.shape[1:]).astype(np.float32))
+    np.save(cache / "a_seg.npy", seg)
+    np.savez(cache / "a_locations.npz", **foreground_locations(seg, [1], np.random.RandomState(0), ignore_label))
+    ds = PatchDataset.__new__(PatchDataset)
+    ds.__dict__.update(cache_dir=cache, cases=["a"], patch_size=[8, 8, 8], final_patch_size=[8, 8, 8],
+                       batch_size=batch_size, length=300, first_forced=round(batch_size * 0.67), transform=None,
+                       two_d=False, ignore_label=ignore_label, _rng=None, _seed=None)
+    return ds
+
+
+def test_patch_dataset_forces_foreground_for_the_last_third(tmp_path):
     seg = np.zeros((1, 40, 40, 40), np.int8)
     seg[0, 30:33, 30:33, 30:33] = 1
-    np.save(cache / "a_data.npy", np.random.rand(1, 40, 40, 40).astype(np.float32))
-    np.save(cache / "a_seg.npy", seg)
-    np.savez(cache / "a_locations.npz", **foreground_locations(seg, [1], np.random.RandomState(0)))
-    ds = PatchDataset.__new__(PatchDataset)  # skip preprocessing: the cache is written above
-    ds.__dict__.update(cache_dir=cache, cases=["a"], patch_size=[8, 8, 8], final_patch_size=[8, 8, 8], batch_size=3,
-                       length=300, first_forced=round(3 * 0.67), transform=None, two_d=False, ignore_label=None,
-                       _rng=None, _seed=None)
+    ds = cached_dataset(tmp_path / "cache", seg)
     forced = [bool((ds[i]["label"] > 0).any()) for i in range(2, 300, 3)]
     random = [bool((ds[i]["label"] > 0).any()) for i in range(0, 300, 3)]
     assert all(forced)
     assert sum(random) < len(random) / 2
     assert ds[0]["image"].shape == (1, 8, 8, 8) and ds[0]["label"].dtype == torch.float32
+
+
+def test_sparse_annotation_centres_samples_on_annotated_voxels(tmp_path):
+    seg = np.full((1, 40, 40, 40), 2, np.int8)  # 2 = ignore: almost nothing is annotated
+    seg[0, 5:9, 5:9, 5:9] = 0
+    seg[0, 30:32, 30:32, 30:32] = 1
+    ds = cached_dataset(tmp_path / "cache", seg, ignore_label=2)
+    for i in range(0, 120, 3):  # ordinary (not forced) samples
+        assert (ds[i]["label"] != 2).any()
 
 
 def test_inferer_mirroring_averages_flipped_predictions():
