@@ -9,7 +9,7 @@ from pathlib import Path
 from autoplan.dataset import dataset_name, load_json
 from autoplan.files import write_json_atomic, write_text_atomic
 from autoplan.fingerprint import write_fingerprint
-from autoplan.planner import PRESETS, plan
+from autoplan.planner import PRESETS, PlanningError, plan
 
 
 def plan_files(dataset_json, fingerprint, out, planner: str = "default", gpu_memory_gb: float | None = None,
@@ -28,6 +28,8 @@ def run(raw_dir, out, planner: str = "default", gpu_memory_gb: float | None = No
 
     Returns the plans path.
     """
+    if planner not in PRESETS:
+        raise PlanningError(f"unknown planner '{planner}'; choose one of {', '.join(PRESETS)}")
     raw_dir, out = Path(raw_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint_path = out / "dataset_fingerprint.json"
@@ -35,9 +37,8 @@ def run(raw_dir, out, planner: str = "default", gpu_memory_gb: float | None = No
     for w in warnings:
         print(f"warning: {w}")
     write_text_atomic(out / "dataset.json", (raw_dir / "dataset.json").read_text())
-    plans_path = out / f"{PRESETS[planner].plans_name if planner in PRESETS else planner}.json"
-    plans = plan_files(raw_dir / "dataset.json", fingerprint_path, plans_path, planner, gpu_memory_gb,
-                       name=dataset_name(raw_dir / "dataset.json", load_json(raw_dir / "dataset.json")))
+    plans_path = out / f"{PRESETS[planner].plans_name}.json"
+    plans = plan_files(raw_dir / "dataset.json", fingerprint_path, plans_path, planner, gpu_memory_gb)
     print(describe_plans(plans))
     print(f"wrote {fingerprint_path} and {plans_path}")
     from autoplan.emit import emit
