@@ -77,6 +77,38 @@ def test_layout_metadata_and_splits(emitted):
     assert json.loads((bundles["2d"] / "configs/train.json").read_text())["two_d"] is True
 
 
+@pytest.mark.parametrize("config", ["3d_fullres", "2d", "dummy_2d"])
+def test_every_augmentation_runs_when_it_fires(emitted, config):
+    """Each random transform of train.json, forced to fire, accepts the sampled patch of its configuration."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle = emitted[2]["2d" if config == "2d" else "3d_fullres"]
+    sys.path.insert(0, str(bundle))
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs/train.json"))
+        parser["bundle_root"] = str(bundle)
+        if config == "dummy_2d":
+            parser["dummy_2d"], parser["rotation"] = True, float(np.pi)
+        compose = parser.get_parsed_content("train#preprocessing")
+        for t in compose.transforms:
+            for attribute in ("prob", "p_rotation", "p_scaling"):
+                if hasattr(t, attribute):
+                    setattr(t, attribute, 1.0)
+            if hasattr(t, "rand_flip"):
+                t.rand_flip.prob = 1.0
+        size = parser.get_parsed_content("initial_patch_size")
+        item = {"image": torch.randn(1, *size), "label": torch.randint(-1, 3, (1, *size)).float()}
+        out = compose(item)
+        assert list(out["image"].shape[1:]) == parser.get_parsed_content("patch_size")
+        assert out["label"].min() >= 0 and torch.isfinite(out["image"]).all()
+    finally:
+        sys.path.remove(str(bundle))
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
+
+
 def test_emit_refuses_to_overwrite(emitted, tmp_path):
     raw, plans_path, bundles = emitted
     with pytest.raises(FileExistsError):
