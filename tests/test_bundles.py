@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,18 @@ from autoplan.splits import kfold_splits
 from autoplan.synthetic import make_synthetic_dataset
 
 FAST = ["--epochs", "1", "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "0"]
+
+
+@contextmanager
+def bundle_on_path(bundle: Path):
+    """Import a bundle's ``scripts`` package in this process, and forget it afterwards (each bundle has its own)."""
+    sys.path.insert(0, str(bundle))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(bundle))
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
 
 
 def bundle_cmd(bundle: Path, *args, check=True):
@@ -84,8 +97,7 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
     from monai.bundle import ConfigParser
 
     bundle = emitted[2]["2d" if config == "2d" else "3d_fullres"]
-    sys.path.insert(0, str(bundle))
-    try:
+    with bundle_on_path(bundle):
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs/train.json"))
         parser["bundle_root"] = str(bundle)
@@ -103,10 +115,6 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
         out = compose(item)
         assert list(out["image"].shape[1:]) == parser.get_parsed_content("patch_size")
         assert out["label"].min() >= 0 and torch.isfinite(out["image"]).all()
-    finally:
-        sys.path.remove(str(bundle))
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
 
 
 def test_emit_refuses_to_overwrite(emitted, tmp_path):
@@ -120,17 +128,12 @@ def test_workflow_properties_are_complete(emitted, config, workflow_type):
     from monai.bundle import ConfigWorkflow
 
     bundle = emitted[2]["3d_fullres"]
-    sys.path.insert(0, str(bundle))
-    try:
+    with bundle_on_path(bundle):
         workflow = ConfigWorkflow(config_file=str(bundle / "configs" / config),
                                   meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
                                   workflow_type=workflow_type, bundle_root=str(bundle), initialize=[])
         workflow.initialize()  # parses the config; the bundle's own initialize (weights, seeds) is skipped
         assert workflow.check_properties() == []
-    finally:
-        sys.path.remove(str(bundle))
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
 
 
 def test_verify_net_in_out(emitted):
@@ -215,8 +218,7 @@ def test_ckpt_export_gives_the_same_output(trained_3d):
                "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--use_trace", "True",
                "--input_shape", json.dumps([1, 1, *patch]))
     traced = torch.jit.load(str(bundle / "models/model.ts"))
-    sys.path.insert(0, str(bundle))
-    try:
+    with bundle_on_path(bundle):
         from monai.bundle import ConfigParser
 
         parser = ConfigParser()
@@ -228,10 +230,6 @@ def test_ckpt_export_gives_the_same_output(trained_3d):
         x = torch.randn(1, 1, *patch)
         with torch.no_grad():
             np.testing.assert_allclose(traced(x).numpy(), network(x).numpy(), rtol=1e-4, atol=1e-4)
-    finally:
-        sys.path.remove(str(bundle))
-        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-            del sys.modules[name]
 
 
 def test_2d_configuration_trains_and_predicts_slice_by_slice(emitted, tmp_path):
