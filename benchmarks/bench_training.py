@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         both("  step CPU s, main process (median)", "training", "best", "summary", "step_cpu_s", "median"),
     ]
     for part in ("forward", "loss", "backward", "clip_and_optimizer", "decollate"):
-        rows.append(both(f"  parts (fastest of all repeats): {part} s", "training", "breakdown_min_s", part,
+        rows.append(both(f"  part, fastest of repeats: {part} s", "training", "breakdown_min_s", part,
                          spec=".3f"))
     rows.append(both("training peak PSS MB, timed iterations (tree)", "training", "timed_peak_pss_mb_max",
                      spec=".0f"))

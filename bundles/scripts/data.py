@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .preprocessing import (PlanSettings, one_hot, preprocess_case, preprocess_p
                             to_nnunet_order)
 
 MAX_LOCATIONS = 10000
+POOL_WORTH_SECONDS = 20.0  # estimated serial preprocessing time above which a worker pool is started
 LOCATION_SEED = 1234
 
 
@@ -145,13 +147,20 @@ def preprocess_to_cache(datalist: list[dict], plans: dict, configuration: str, c
     folder.mkdir(parents=True, exist_ok=True)
     todo = [item for item in datalist if not (folder / f"{item['case']}.json").is_file()]
     jobs = [(item, plan, foreground_labels, ignore_label, str(folder)) for item in todo]
-    if num_workers > 1 and len(jobs) > 1:
+    if not jobs:
+        return folder
+    # The first case is timed in this process: a worker pool costs seconds of start-up (each spawned worker imports
+    # torch and MONAI), which only pays off when the remaining cases are expensive.
+    start = time.monotonic()
+    _preprocess_job(jobs[0])
+    remaining = jobs[1:]
+    if num_workers > 1 and len(remaining) > 1 and (time.monotonic() - start) * len(remaining) > POOL_WORTH_SECONDS:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(min(num_workers, len(jobs))) as pool:
-            list(pool.imap_unordered(_preprocess_job, jobs))
+        with multiprocessing.get_context("spawn").Pool(min(num_workers, len(remaining))) as pool:
+            list(pool.imap_unordered(_preprocess_job, remaining))
     else:
-        for job in jobs:
+        for job in remaining:
             _preprocess_job(job)
     return folder
 
