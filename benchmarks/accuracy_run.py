@@ -36,6 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +68,80 @@ def dice_table(summary: dict) -> dict:
     return out
 
 
+def train_nnunet(args, work: Path, raw: Path, name: str, ds_id: int, plans_file, fp_file, splits_file: Path,
+                 venv_dir: Path, threads: int) -> dict:
+    """nnUNetv2_preprocess, then the budgeted nnUNetTrainer (training + final validation); the measured run."""
+    nn_root = work / "nnunet"
+    pre = bu.setup_nnunet_folders(nn_root, raw, plans_file, fp_file)
+    shutil.copyfile(splits_file, pre / "splits_final.json")
+    env = bu.nnunet_env(nn_root, threads, args.workers)
+    env["nnUNet_def_n_proc"] = str(args.workers)  # final validation's export pool
+    cmd = [venv_bin(venv_dir, "nnUNetv2_preprocess"), "-d", ds_id, "-plans_name", Path(plans_file).stem,
+           "-c", args.configuration, "-np", args.workers, "--no_pbar"]
+    m_pre = bu.run_measured(cmd, env=env, log=work / "nnunet_preprocess.log")
+    if m_pre["returncode"] != 0:
+        print(f"nnunet preprocessing FAILED:\n{bu.log_tail(work / 'nnunet_preprocess.log')}", flush=True)
+        return {"preprocessing": m_pre}
+    print(f"nnunet preprocessing {m_pre['wall_s']:.1f} s", flush=True)
+    m = bu.run_driver(venv_bin(venv_dir, "python"), "nnunet_driver.py",
+                      ["train", "--dataset", name, "--configuration", args.configuration, "--fold", args.fold,
+                       "--device", args.device, "--epochs", args.epochs, "--iterations", args.iterations,
+                       "--val-iterations", args.val_iterations], work, "nnunet_train", env=env)
+    m["preprocessing"] = m_pre
+    if m["result"] is None or not Path(m["result"]["summary"]).is_file():
+        print(f"nnunet training FAILED (exit {m['returncode']}):\n{m.get('error_tail', '')}", flush=True)
+    else:
+        m["summary_json"] = m["result"]["summary"]
+        print(f"nnunet: training {m['result']['train_s']:.0f} s, final validation "
+              f"{m['result']['validation_s']:.0f} s, peak PSS {m['peak_pss_mb']:.0f} MB", flush=True)
+    return m
+
+
+def train_ours(args, work: Path, raw: Path, plans_file, splits_file: Path, threads: int, result: dict) -> dict:
+    """The bundle emitted from the same plans and split, trained with ``monai.bundle run training``; the measured
+    run (preprocessing cache, training and final validation)."""
+    bundle = bu.emit_bundle(plans_file, raw, work / "bundles", args.configuration, args.fold, splits_file)
+    env = bu.ours_env(threads)
+    overrides = []
+    label_float = args.label_float == "on"
+    if args.label_float == "auto":
+        probe = bu.run_driver(sys.executable, "ours_driver.py", ["probe-label-dtype", "--bundle", bundle], work,
+                              "ours_probe", env=env, cwd=bu.REPO)
+        result["label_dtype_probe"] = probe["result"] or {"error_tail": probe.get("error_tail")}
+        label_float = bool(probe["result"] and probe["result"].get("mixed"))
+    if label_float:
+        config = json.loads((bundle / "configs" / "train.json").read_text())
+        transforms = config["train"]["preprocessing"]["transforms"]
+        idx = [i for i, t in enumerate(transforms) if str(t.get("_target_", "")).endswith("EnsureTyped")][-1]
+        overrides = [f"--train#preprocessing#transforms#{idx}#dtype", "$torch.float32"]
+        print("WARNING: the bundle's train#preprocessing gives mixed label dtypes (DataLoader collation crash); "
+              "training with EnsureTyped(dtype=float32)", flush=True)
+    result["label_float_workaround"] = label_float
+    device = "$torch.device('cuda:0')" if args.device == "cuda" else "$torch.device('cpu')"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+           "--epochs", args.epochs, "--iterations_per_epoch", args.iterations, "--val_iterations",
+           args.val_iterations, "--num_workers", args.workers, "--device", device, *overrides]
+    if args.device == "cpu":
+        env["OMP_NUM_THREADS"] = str(threads)
+    m = bu.run_measured(cmd, env=env, cwd=bundle, log=work / "ours_train.log")
+    m["command"] = f"(cd {bundle} && " + " ".join(str(c) if " " not in str(c) and "$" not in str(c)
+                                                   else repr(str(c)) for c in cmd) + ")"
+    summary = bundle / "eval" / "validation" / "summary.json"
+    progress = bundle / "eval" / "progress.json"
+    if m["returncode"] != 0 or not summary.is_file():
+        m["error_tail"] = bu.log_tail(work / "ours_train.log")
+        print(f"ours training FAILED (exit {m['returncode']}):\n{m['error_tail']}", flush=True)
+        return m
+    m["summary_json"] = str(summary)
+    if progress.is_file():
+        prog = json.loads(progress.read_text())
+        m["result"] = {"epoch_seconds": prog.get("epoch_seconds"), "train_losses": prog.get("train_loss"),
+                       "pseudo_dice": prog.get("val_pseudo_dice")}
+    print(f"ours: training + final validation {m['wall_s']:.0f} s wall, peak PSS {m['peak_pss_mb']:.0f} MB",
+          flush=True)
+    return m
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Same-budget training of our bundle and nnU-Net; Dice compared.")
     ap.add_argument("--raw", type=Path, default=bu.DEFAULT_RAW, help=f"raw dataset (default {bu.DEFAULT_RAW})")
@@ -81,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="data-loading workers for both (default 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on CPU (default: all cores)")
     ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both")
+    ap.add_argument("--parallel", action="store_true",
+                    help="train both systems at the same time (a GPU machine with cores to spare: halves the wall "
+                         "time; epoch times are then not a speed comparison)")
     ap.add_argument("--label-float", choices=("auto", "on", "off"), default="auto",
                     help="append dtype=float32 to train#preprocessing's EnsureTyped when labels come out with mixed "
                          "dtypes (collation crash); auto = when a probe finds it")
@@ -118,80 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     result["n_train_cases"], result["val_cases"] = len(fold_split["train"]), fold_split["val"]
     print(f"fold {args.fold}: {len(fold_split['train'])} training cases, {len(fold_split['val'])} validation cases",
           flush=True)
-    exit_code = 0
-    runs = {}
-
-    # ---- nnU-Net ---------------------------------------------------------------------------------------------------
-    if "nnunet" in tools:
-        nn_root = work / "nnunet"
-        pre = bu.setup_nnunet_folders(nn_root, raw, plans_file, fp_file)
-        shutil.copyfile(splits_file, pre / "splits_final.json")
-        env = bu.nnunet_env(nn_root, threads, args.workers)
-        env["nnUNet_def_n_proc"] = str(args.workers)  # final validation's export pool
-        cmd = [venv_bin(venv_dir, "nnUNetv2_preprocess"), "-d", ds_id, "-plans_name", Path(plans_file).stem,
-               "-c", args.configuration, "-np", args.workers, "--no_pbar"]
-        m_pre = bu.run_measured(cmd, env=env, log=work / "nnunet_preprocess.log")
-        if m_pre["returncode"] != 0:
-            print(f"nnunet preprocessing FAILED:\n{bu.log_tail(work / 'nnunet_preprocess.log')}")
-            return 2
-        print(f"nnunet preprocessing {m_pre['wall_s']:.1f} s", flush=True)
-        m = bu.run_driver(venv_bin(venv_dir, "python"), "nnunet_driver.py",
-                          ["train", "--dataset", name, "--configuration", args.configuration, "--fold", args.fold,
-                           "--device", args.device, "--epochs", args.epochs, "--iterations", args.iterations,
-                           "--val-iterations", args.val_iterations], work, "nnunet_train", env=env)
-        m["preprocessing"] = m_pre
-        if m["result"] is None or not Path(m["result"]["summary"]).is_file():
-            exit_code = 2
-            print(f"nnunet training FAILED (exit {m['returncode']}):\n{m.get('error_tail', '')}", flush=True)
-        else:
-            m["summary_json"] = m["result"]["summary"]
-            print(f"nnunet: training {m['result']['train_s']:.0f} s, final validation "
-                  f"{m['result']['validation_s']:.0f} s, peak PSS {m['peak_pss_mb']:.0f} MB", flush=True)
-        runs["nnunet"] = m
-
-    # ---- ours ------------------------------------------------------------------------------------------------------
-    if "ours" in tools:
-        bundle = bu.emit_bundle(plans_file, raw, work / "bundles", args.configuration, args.fold, splits_file)
-        env = bu.ours_env(threads)
-        overrides = []
-        label_float = args.label_float == "on"
-        if args.label_float == "auto":
-            probe = bu.run_driver(sys.executable, "ours_driver.py", ["probe-label-dtype", "--bundle", bundle], work,
-                                  "ours_probe", env=env, cwd=bu.REPO)
-            result["label_dtype_probe"] = probe["result"] or {"error_tail": probe.get("error_tail")}
-            label_float = bool(probe["result"] and probe["result"].get("mixed"))
-        if label_float:
-            config = json.loads((bundle / "configs" / "train.json").read_text())
-            transforms = config["train"]["preprocessing"]["transforms"]
-            idx = [i for i, t in enumerate(transforms) if str(t.get("_target_", "")).endswith("EnsureTyped")][-1]
-            overrides = [f"--train#preprocessing#transforms#{idx}#dtype", "$torch.float32"]
-            print("WARNING: the bundle's train#preprocessing gives mixed label dtypes (DataLoader collation crash); "
-                  "training with EnsureTyped(dtype=float32)", flush=True)
-        result["label_float_workaround"] = label_float
-        device = "$torch.device('cuda:0')" if args.device == "cuda" else "$torch.device('cpu')"
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-               "--epochs", args.epochs, "--iterations_per_epoch", args.iterations, "--val_iterations",
-               args.val_iterations, "--num_workers", args.workers, "--device", device, *overrides]
-        if args.device == "cpu":
-            env["OMP_NUM_THREADS"] = str(threads)
-        m = bu.run_measured(cmd, env=env, cwd=bundle, log=work / "ours_train.log")
-        m["command"] = f"(cd {bundle} && " + " ".join(str(c) if " " not in str(c) and "$" not in str(c)
-                                                       else repr(str(c)) for c in cmd) + ")"
-        summary = bundle / "eval" / "validation" / "summary.json"
-        progress = bundle / "eval" / "progress.json"
-        if m["returncode"] != 0 or not summary.is_file():
-            exit_code = 2
-            m["error_tail"] = bu.log_tail(work / "ours_train.log")
-            print(f"ours training FAILED (exit {m['returncode']}):\n{m['error_tail']}", flush=True)
-        else:
-            m["summary_json"] = str(summary)
-            if progress.is_file():
-                p = json.loads(progress.read_text())
-                m["result"] = {"epoch_seconds": p.get("epoch_seconds"), "train_losses": p.get("train_loss"),
-                               "pseudo_dice": p.get("val_pseudo_dice")}
-            print(f"ours: training + final validation {m['wall_s']:.0f} s wall, peak PSS {m['peak_pss_mb']:.0f} MB",
-                  flush=True)
-        runs["ours"] = m
+    jobs = {"nnunet": lambda: train_nnunet(args, work, raw, name, ds_id, plans_file, fp_file, splits_file, venv_dir,
+                                           threads),
+            "ours": lambda: train_ours(args, work, raw, plans_file, splits_file, threads, result)}
+    if args.parallel and len(tools) == 2:
+        print("both systems train at the same time, sharing the machine (the budget is the same for both)",
+              flush=True)
+        with ThreadPoolExecutor(2) as pool:
+            futures = {t: pool.submit(jobs[t]) for t in ("nnunet", "ours")}
+            runs = {t: f.result() for t, f in futures.items()}
+    else:
+        runs = {t: jobs[t]() for t in ("nnunet", "ours") if t in tools}
+    exit_code = 0 if all(m.get("summary_json") for m in runs.values()) else 2
     result["runs"] = runs
 
     # ---- comparison ------------------------------------------------------------------------------------------------

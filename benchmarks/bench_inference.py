@@ -23,6 +23,7 @@ Usage::
 
     python benchmarks/bench_inference.py                  # 5 Hippocampus cases, TTA on and off
     python benchmarks/bench_inference.py --cases 10 --threads 2 --only ours
+    python benchmarks/bench_inference.py --device cuda --cases 20   # on a GPU machine
 
 Writes ``benchmarks/results/inference.json``. Exit status: 0 ok, 2 a run failed.
 """
@@ -80,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="runs per system and TTA setting, alternating order; the least disturbed is reported "
                          "(default 2)")
     ap.add_argument("--tta", choices=("both", "on", "off"), default="both")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="both systems predict on this device (nnU-Net with perform_everything_on_device on CUDA, "
+                         "as nnUNetv2_predict does)")
     ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
                     help="before each measured run wait up to this many seconds for the shared machine to be less "
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ttas = {"both": [1, 0], "on": [1], "off": [0]}[args.tta]
     work = Path(tempfile.mkdtemp(prefix="autoplan_bench_infer_"))
     name, _ = bu.dataset_folder_name(raw)
-    result = {"dataset": str(raw), "configuration": args.configuration, "fold": args.fold, "device": "cpu",
+    result = {"dataset": str(raw), "configuration": args.configuration, "fold": args.fold, "device": args.device,
               "nnunet_version": NNUNET_VERSION, "cpu_count": os.cpu_count(), "threads": args.threads,
               "memory_method": bu.MEMORY_METHOD, "loadavg_start": bu.loadavg(),
               "per_case_method": "median over cases 2..N of the per-case wall time (read, preprocess, sliding "
@@ -158,12 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                 if tool == "ours":
                     m = bu.run_driver(sys.executable, "ours_driver.py",
                                       ["predict", "--bundle", bundle, "--cases", cases_file, "--out", out,
-                                       "--tta", tta], work, f"{key}_{rep}", env=ours_env, cwd=bu.REPO)
+                                       "--tta", tta, "--device", args.device], work, f"{key}_{rep}",
+                                      env=ours_env, cwd=bu.REPO)
                 else:
                     m = bu.run_driver(nn_py, "nnunet_driver.py",
                                       ["predict", "--dataset", name, "--configuration", args.configuration,
                                        "--fold", args.fold, "--model-dir", model_dir, "--cases", cases_file,
-                                       "--out", out, "--tta", tta], work, f"{key}_{rep}", env=nn_env)
+                                       "--out", out, "--tta", tta, "--device", args.device], work,
+                                      f"{key}_{rep}", env=nn_env)
                 if m["result"] is None or len(m["result"].get("per_case", [])) != len(cases):
                     exit_code = 2
                     print(f"{key} FAILED (exit {m['returncode']}):\n{m.get('error_tail', '')}", flush=True)
@@ -207,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                   ".1f"),
                  (f"TTA {t}: peak PSS MB", get(o, "peak_pss_mb_max"), get(n, "peak_pss_mb_max"), ".0f"),
                  (f"TTA {t}: peak RSS MB", get(o, "peak_rss_mb_max"), get(n, "peak_rss_mb_max"), ".0f")]
+        if args.device == "cuda":
+            rows.append((f"TTA {t}: peak GPU MB (torch allocator)", get(o, "best", "result", "cuda_peak_allocated_mb"),
+                         get(n, "best", "result", "cuda_peak_allocated_mb"), ".0f"))
     print()
     if args.repeats > 1:
         print(f"(best of {args.repeats} repeats per system; memory: maximum over repeats)")

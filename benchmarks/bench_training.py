@@ -36,6 +36,7 @@ Usage::
     python benchmarks/bench_training.py --iterations 20 --warmup 3 --workers 2 --threads 2
     python benchmarks/bench_training.py --repeats 2 --quiet-wait 120  # steadier on a shared machine
     python benchmarks/bench_training.py --only ours --skip-plan-check
+    python benchmarks/bench_training.py --device cuda --workers 12 --iterations 50 --warmup 10  # GPU machine
 
 Writes ``benchmarks/results/training.json``. Exit status: 0 ok, 1 plans differ, 2 a run failed.
 """
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of every phase per system, in alternating order; the least disturbed is reported")
     ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="device of the timed training iterations, both systems (AMP on CUDA in both, as in their "
+                         "training); the per-part breakdown is CPU only")
     ap.add_argument("--skip-plan-check", action="store_true", help="do not run our planner for the plan comparison")
     ap.add_argument("--label-float", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = ["ours", "nnunet"] if args.only == "both" else [args.only]
     work = Path(tempfile.mkdtemp(prefix="autoplan_bench_train_"))
     name, ds_id = bu.dataset_folder_name(raw)
-    result = {"dataset": str(raw), "configuration": args.configuration, "fold": args.fold,
+    result = {"dataset": str(raw), "configuration": args.configuration, "fold": args.fold, "device": args.device,
               "nnunet_version": NNUNET_VERSION, "cpu_count": os.cpu_count(), "threads": args.threads,
               "workers": args.workers, "processes": args.processes, "iterations": args.iterations,
               "warmup": args.warmup, "memory_method": bu.MEMORY_METHOD, "loadavg_start": bu.loadavg(),
@@ -241,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 3. training iterations ------------------------------------------------------------------------------------
     trains = {t: [] for t in tools}
-    common = ["--iterations", args.iterations, "--warmup", args.warmup, "--breakdown", args.breakdown]
+    # the breakdown times unsynchronised parts of a step without AMP: meaningful on a CPU only
+    common = ["--iterations", args.iterations, "--warmup", args.warmup, "--device", args.device,
+              "--breakdown", args.breakdown if args.device == "cpu" else 0]
     for rep in range(args.repeats):
         for tool in order(rep):
             if tool == "ours":
@@ -318,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(both("training peak RSS MB, timed iterations (tree)", "training", "timed_peak_rss_mb_max",
                      spec=".0f"))
     rows.append(both("training peak PSS MB, whole run (tree)", "training", "peak_pss_mb_max", spec=".0f"))
+    if args.device == "cuda":
+        rows.append(both("training peak GPU MB (torch allocator)", "training", "best", "result",
+                         "cuda_peak_allocated_mb", spec=".0f"))
     print()
     if args.repeats > 1:
         print(f"(best of {args.repeats} repeats per system; memory: maximum over repeats)")

@@ -129,6 +129,8 @@ class _EventTimer:
         self._t[key + "_cpu"] = time.process_time()
 
     def _done(self, engine):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # count the queued GPU work in this iteration (nnU-Net's .cpu() loss does)
         now = time.perf_counter()
         self.data.append(self._t["got"] - self._t["get"])
         self.step.append(now - self._t["start"])
@@ -143,6 +145,14 @@ class _EventTimer:
 
 def _shapes(batch) -> dict:
     return {k: list(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _cuda_memory(device: torch.device) -> dict:
+    """Peak GPU memory held by torch's allocator in this process (empty on CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
 
 
 def cmd_train_steps(args) -> dict:
@@ -208,7 +218,7 @@ def cmd_train_steps(args) -> dict:
             "batch_size": parser.get_parsed_content("batch_size"), "threads": threads, "workers": args.workers,
             "label_float": args.label_float, "network": type(network).__name__,
             "n_parameters": sum(p.numel() for p in network.parameters()),
-            "decollate": decollate, "memory_by_phase": memory.stop()}
+            "decollate": decollate, "memory_by_phase": memory.stop(), **_cuda_memory(device)}
 
 
 def cmd_dataloader(args) -> dict:
@@ -289,7 +299,7 @@ def cmd_predict(args) -> dict:
     inferer = workflow.parser.get_parsed_content("inferer")
     return {"setup_s": setup_s, "per_case": per_case, "tta": bool(args.tta), "threads": threads,
             "mirror_axes": list(getattr(inferer, "mirror_axes", ())),
-            "outputs": sorted(p.name for p in out.glob("*.nii.gz"))}
+            "outputs": sorted(p.name for p in out.glob("*.nii.gz")), **_cuda_memory(torch.device(args.device))}
 
 
 def main(argv=None) -> int:
