@@ -178,7 +178,9 @@ From this folder:
 Training resumes from `models/checkpoint_latest.pt` when interrupted. Outputs: `models/model.pt` (final weights,
 used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
 the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
-`../preprocessed/` (shared by the folds; override `--cache_dir`).
+`../preprocessed/` (shared by the folds; override `--cache_dir`). `--num_workers N` sets the data-loading processes
+(validation uses half). On a GPU, cuDNN picks its fastest kernels as nnU-Net does; `--deterministic True` makes GPU
+runs repeatable at some cost in speed.
 
 ## Infer
 

@@ -89,7 +89,7 @@ def train_nnunet(args, work: Path, raw: Path, name: str, ds_id: int, plans_file,
                        "--val-iterations", args.val_iterations], work, "nnunet_train", env=env)
     m["preprocessing"] = m_pre
     if m["result"] is None or not Path(m["result"]["summary"]).is_file():
-        print(f"nnunet training FAILED (exit {m['returncode']}):\n{m.get('error_tail', '')}", flush=True)
+        bu.print_failure("nnunet training", m)
     else:
         m["summary_json"] = m["result"]["summary"]
         print(f"nnunet: training {m['result']['train_s']:.0f} s, final validation "
@@ -130,7 +130,7 @@ def train_ours(args, work: Path, raw: Path, plans_file, splits_file: Path, threa
     progress = bundle / "eval" / "progress.json"
     if m["returncode"] != 0 or not summary.is_file():
         m["error_tail"] = bu.log_tail(work / "ours_train.log")
-        print(f"ours training FAILED (exit {m['returncode']}):\n{m['error_tail']}", flush=True)
+        bu.print_failure("ours training", m)
         return m
     m["summary_json"] = str(summary)
     if progress.is_file():
@@ -184,12 +184,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.val_iterations} validation iterations per epoch), device {args.device}", flush=True)
     venv_dir = ensure_nnunet_venv(args.venv).parent.parent if "nnunet" in tools else None
 
-    plans_file, fp_file = bu.reference_plans(raw)
-    if plans_file is None:
-        plans_file, fp_file, m = bu.make_nnunet_plans(raw, work, venv_dir, args.workers)
-        if m["returncode"] != 0:
-            print(bu.log_tail(work / "nnunet_planning.log"))
-            return 2
+    plans = bu.plans_for(raw, work, venv_dir, args.workers)
+    if plans is None:
+        return 2
+    plans_file, fp_file = plans
     result["plans_used"] = str(plans_file)
     splits_file = work / "splits_final.json"
     fold_split = make_splits(raw, args.fold, args.val_cases, splits_file)
@@ -236,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.epochs * args.iterations < 10000:
         print("NOTE: a short budget; Dice differences at this budget are mostly chance, not accuracy.")
     result["loadavg_end"] = bu.loadavg()
-    bu.write_result(args.out, result)
-    print(f"result written to {args.out}")
-    if args.keep or args.work:
-        print(f"work folder kept: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    bu.finish(args.out, result, work, bool(args.keep or args.work))
     return exit_code
 
 

@@ -31,115 +31,25 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import DEFAULT_RAW, REPO, log_tail, make_nnunet_folders, run_measured  # noqa: E402
 from nnunet_venv import NNUNET_VERSION, ensure_nnunet_venv, venv_bin  # noqa: E402
+from treemem import POLL_S  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RAW = REPO.parent / "shared" / "data" / "Dataset004_Hippocampus"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "fingerprint.json"
-POLL_S = 0.05
 STAT_KEYS = ("max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std")
 MEMORY_METHOD = ("peak over time of the summed RSS (and PSS) of the process and all its descendants, "
                  f"/proc polled every {int(POLL_S * 1000)} ms")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# process-tree memory polling via /proc (psutil is not needed)
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _ppid_map() -> dict[int, int]:
-    """pid -> parent pid for every process visible in /proc."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                s = f.read()
-            # comm may contain spaces/parentheses: the fields after the last ')' are safe to split
-            rest = s[s.rindex(b")") + 2:].split()
-            out[int(d)] = int(rest[1])
-        except (OSError, ValueError, IndexError):
-            pass
-    return out
-
-
-def _tree(root: int) -> list[int]:
-    """root and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _ppid_map().items():
-        children.setdefault(ppid, []).append(pid)
-    todo, seen = [root], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo.extend(children.get(p, []))
-    return seen
-
-
-def _rss_pss(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes of one process; zeros when it is gone."""
-    rss = pss = 0
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            rss = int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError):
-        pss = rss
-    return rss, pss
-
-
-def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None, log: Path | None = None) -> dict:
-    """Run cmd; return wall time, exit code, peak summed RSS/PSS of its process tree, max process count."""
-    out = open(log, "wb") if log else subprocess.DEVNULL
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    peak_rss = peak_pss = max_procs = 0
-    while p.poll() is None:
-        pids = _tree(p.pid)
-        rss = pss = 0
-        for pid in pids:
-            r, s = _rss_pss(pid)
-            rss += r
-            pss += s
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        max_procs = max(max_procs, len(pids))
-        time.sleep(POLL_S)
-    wall = time.perf_counter() - t0
-    if log:
-        out.close()
-    return {"wall_s": wall, "returncode": p.returncode, "peak_rss_mb": peak_rss / 2 ** 20,
-            "peak_pss_mb": peak_pss / 2 ** 20, "max_processes": max_procs}
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # the two tools
-
-
-def dataset_folder_name(raw: Path) -> tuple[str, int]:
-    """nnU-Net folder name and id for the raw dataset (its own name when it is DatasetXXX_Name)."""
-    m = re.fullmatch(r"Dataset(\d{3})_(.+)", raw.name)
-    if m:
-        return raw.name, int(m.group(1))
-    return "Dataset999_Bench", 999
 
 
 def warm_page_cache(raw: Path) -> int:
@@ -164,13 +74,8 @@ def run_ours(raw: Path, processes: int, work: Path) -> tuple[dict, Path]:
 
 
 def run_nnunet(raw: Path, processes: int, work: Path, venv_dir: Path) -> tuple[dict, Path]:
-    name, ds_id = dataset_folder_name(raw)
+    name, ds_id = make_nnunet_folders(work, raw)
     nn_raw, nn_pre, nn_res = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
-    for d in (nn_raw, nn_pre, nn_res):
-        d.mkdir(parents=True, exist_ok=True)
-    link = nn_raw / name
-    if not link.exists():
-        link.symlink_to(raw.resolve(), target_is_directory=True)
     env = dict(os.environ, nnUNet_raw=str(nn_raw), nnUNet_preprocessed=str(nn_pre), nnUNet_results=str(nn_res),
                nnUNet_compile="f")
     cmd = [str(venv_bin(venv_dir, "nnUNetv2_extract_fingerprint")), "-d", str(ds_id), "-np", str(processes),
@@ -277,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             if m["returncode"] == 0 and not fp.is_file():
                 m["returncode"] = -999
             if m["returncode"] != 0:
-                log = (w / f"{tool}.log").read_text(errors="replace")[-2000:]
+                log = log_tail(w / f"{tool}.log", 2000)
                 m["error_tail"] = log
                 print(f"{tool} run {i + 1} FAILED (exit {m['returncode']}):\n{log}")
             else:

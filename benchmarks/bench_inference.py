@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -58,16 +57,6 @@ def summarize(per_case: list[dict]) -> dict:
     return {"per_case_median_s": statistics.median(rest), "per_case_mean_s": statistics.fmean(secs),
             "per_case_min_s": min(secs),
             "first_case_s": secs[0] if secs else None, "cases": len(secs), "all_s": secs}
-
-
-def best_of(runs: list[dict]) -> dict:
-    """The repeat with the lowest per-case median (least disturbed by other load); peak memory over all repeats."""
-    ok = [r for r in runs if r.get("per_case_median_s") is not None]
-    if not ok:
-        return {"best": None}
-    return {"best": min(ok, key=lambda r: r["per_case_median_s"]),
-            "all_per_case_median_s": [r["per_case_median_s"] for r in ok],
-            "peak_pss_mb_max": max(r["peak_pss_mb"] for r in ok), "peak_rss_mb_max": max(r["peak_rss_mb"] for r in ok)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,12 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     venv_dir = ensure_nnunet_venv(args.venv).parent.parent
     nn_py = venv_bin(venv_dir, "python")
 
-    plans_file, fp_file = bu.reference_plans(raw)
-    if plans_file is None:
-        plans_file, fp_file, m = bu.make_nnunet_plans(raw, work, venv_dir, 2)
-        if m["returncode"] != 0:
-            print(bu.log_tail(work / "nnunet_planning.log"))
-            return 2
+    plans = bu.plans_for(raw, work, venv_dir, 2)
+    if plans is None:
+        return 2
+    plans_file, fp_file = plans
     result["plans_used"] = str(plans_file)
     bundle = bu.emit_bundle(plans_file, raw, work / "bundles", args.configuration, args.fold)
     nn_root = work / "nnunet"
@@ -172,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{key}_{rep}", env=nn_env)
                 if m["result"] is None or len(m["result"].get("per_case", [])) != len(cases):
                     exit_code = 2
-                    print(f"{key} FAILED (exit {m['returncode']}):\n{m.get('error_tail', '')}", flush=True)
+                    bu.print_failure(key, m)
                 else:
                     m["summary"] = summarize(m["result"]["per_case"])
                     m["per_case_median_s"] = m["summary"]["per_case_median_s"]
@@ -183,15 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{m['summary']['first_case_s']:.2f} s, setup {m['result']['setup_s']:.2f} s, peak PSS "
                           f"{m['peak_pss_mb']:.0f} MB (foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
                 runs.setdefault(key, []).append(m)
-    result["runs"] = {k: {"runs": v, **best_of(v)} for k, v in runs.items()}
+    result["runs"] = {k: {"runs": v, **bu.best_of(v, "per_case_median_s")} for k, v in runs.items()}
 
     def get(key, *path):
-        v = result["runs"].get(key)
-        for k in path:
-            if not isinstance(v, dict) or v.get(k) is None:
-                return None
-            v = v[k]
-        return v
+        return bu.dig(result["runs"], key, *path)
 
     def min_over(key):  # least-disturbed single case over every repeat: robust to bursts of foreign load
         values = [r["summary"]["per_case_min_s"] for r in runs.get(key, []) if r.get("summary")]
@@ -227,12 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_end"] = bu.loadavg()
     print(f"\nforeign CPU load during each run (0 = quiet machine): {result['foreign_cpu_fraction']}")
     print(f"load average at start {result['loadavg_start']}, end {result['loadavg_end']}")
-    bu.write_result(args.out, result)
-    print(f"result written to {args.out}")
-    if args.keep:
-        print(f"work folder kept: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    bu.finish(args.out, result, work, args.keep)
     return exit_code
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -72,16 +71,6 @@ def summarize_train(r: dict, warmup: int) -> dict:
         keys = [k for k in r["breakdown"][0] if isinstance(r["breakdown"][0][k], float)]
         out["breakdown_median_s"] = {k: bu.stats([b[k] for b in r["breakdown"]])["median"] for k in keys}
     return out
-
-
-def best_of(runs: list[dict], key: str, higher: bool = False) -> dict:
-    """The repeat with the best ``key`` (least disturbed by other load) as ``best``; peak memory over all repeats."""
-    ok = [r for r in runs if r.get(key) is not None]
-    if not ok:
-        return {"best": None}
-    best = (max if higher else min)(ok, key=lambda r: r[key])
-    return {"best": best, "all_" + key: [r[key] for r in ok],
-            "peak_pss_mb_max": max(r["peak_pss_mb"] for r in ok), "peak_rss_mb_max": max(r["peak_rss_mb"] for r in ok)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,13 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     nn_py = venv_bin(venv_dir, "python")
 
     # ---- 0. plans --------------------------------------------------------------------------------------------------
-    plans_file, fp_file = bu.reference_plans(raw)
-    if plans_file is None:
-        print("no reference plans in ../shared: planning with nnU-Net", flush=True)
-        plans_file, fp_file, m = bu.make_nnunet_plans(raw, work, venv_dir, args.processes)
-        if m["returncode"] != 0:
-            print(bu.log_tail(work / "nnunet_planning.log"))
-            return 2
+    plans = bu.plans_for(raw, work, venv_dir, args.processes, announce=True)
+    if plans is None:
+        return 2
+    plans_file, fp_file = plans
     result["plans_used"] = str(plans_file)
     if not args.skip_plan_check:
         ours_plans, m = bu.run_our_planner(raw, work, args.processes)
@@ -168,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     def failed(tool, phase, m):
         nonlocal exit_code
         exit_code = 2
-        print(f"{tool} {phase} FAILED (exit {m['returncode']}):\n{m.get('error_tail', '')}", flush=True)
+        bu.print_failure(f"{tool} {phase}", m)
 
     def order(rep):  # alternate which system goes first, so slow drifts of the machine's load hit both alike
         return tools if rep % 2 == 0 else tools[::-1]
@@ -201,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             pre[tool].append(m)
             print(f"{tool} preprocessing: {m['wall_s']:.1f} s wall, {m['tree_cpu_s']:.1f} s CPU, peak PSS "
                   f"{m['peak_pss_mb']:.0f} MB (foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
-    result["preprocessing"] = {t: {"runs": runs, **best_of(runs, "wall_s")} for t, runs in pre.items()}
+    result["preprocessing"] = {t: {"runs": runs, **bu.best_of(runs, "wall_s")} for t, runs in pre.items()}
     if exit_code == 2:
         bu.write_result(args.out, result)
         return 2
@@ -240,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{tool} dataloader: {m['batches_per_s']:.2f} batches/s, peak PSS {m['peak_pss_mb']:.0f} MB "
                       f"(foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
             loaders[tool].append(m)
-    result["dataloader"] = {t: {"runs": runs, **best_of(runs, "batches_per_s", higher=True)}
+    result["dataloader"] = {t: {"runs": runs, **bu.best_of(runs, "batches_per_s", higher=True)}
                             for t, runs in loaders.items()}
 
     # ---- 3. training iterations ------------------------------------------------------------------------------------
@@ -268,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{m['summary']['step_cpu_s'].get('median', float('nan')):.2f} s, peak PSS "
                       f"{m['peak_pss_mb']:.0f} MB (foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
             trains[tool].append(m)
-    result["training"] = {t: {"runs": runs, **best_of(runs, "iteration_median_s")} for t, runs in trains.items()}
+    result["training"] = {t: {"runs": runs, **bu.best_of(runs, "iteration_median_s")} for t, runs in trains.items()}
     for t, v in result["training"].items():
         # per-part times: the fastest over every repeat's breakdown iterations (bursts of foreign load only add)
         split = [b for r in v["runs"] if r.get("result") for b in r["result"].get("breakdown", [])]
@@ -292,12 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- table -----------------------------------------------------------------------------------------------------
     def get(section, tool, *keys):
-        v = result.get(section, {}).get(tool)
-        for k in keys:
-            if not isinstance(v, dict) or v.get(k) is None:
-                return None
-            v = v[k]
-        return v
+        return bu.dig(result.get(section, {}), tool, *keys)
 
     def both(label, section, *keys, spec=".2f"):
         return (label, get(section, "ours", *keys), get(section, "nnunet", *keys), spec)
@@ -343,12 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print("NOTE: ours measured with --label-float (EnsureTyped dtype=float32) because the stock pipeline "
               "cannot collate mixed label dtypes")
 
-    bu.write_result(args.out, result)
-    print(f"result written to {args.out}")
-    if args.keep:
-        print(f"work folder kept: {work}")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
+    bu.finish(args.out, result, work, args.keep)
     return exit_code
 
 

@@ -1,7 +1,7 @@
 """Shared helpers of the training, inference and accuracy benchmarks (autoplan vs nnU-Net 2.8.1).
 
 * ``run_measured``: run a command as a subprocess and report its wall time, exit code, peak summed RSS/PSS of its
-  whole process tree (/proc polled, as ``bench_fingerprint.py`` does), the CPU seconds the tree used and how busy the
+  whole process tree (/proc polled with ``treemem``'s primitives), the CPU seconds the tree used and how busy the
   rest of the machine was meanwhile (``foreign_cpu_fraction``: system-wide busy CPU time minus the tree's and minus
   this process's own polling, over wall x cores; the machines are shared, so this is the noise indicator printed
   beside every figure).
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fingerprint import POLL_S, _rss_pss, _tree  # noqa: E402
+from treemem import POLL_S, tree, tree_rss_pss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -98,17 +98,12 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike
         pid, status, rusage = os.wait4(p.pid, os.WNOHANG)
         if pid == p.pid:
             break
-        pids = _tree(p.pid)
-        rss = pss = 0
-        for q in pids:
-            r, s = _rss_pss(q)
-            rss += r
-            pss += s
+        rss, pss, n_procs = tree_rss_pss(p.pid)
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        max_procs = max(max_procs, len(pids))
+        max_procs = max(max_procs, n_procs)
         if timeout is not None and time.perf_counter() - t0 > timeout:
             timed_out = True
-            for q in reversed(_tree(p.pid)):
+            for q in reversed(tree(p.pid)):
                 try:
                     os.kill(q, 9)
                 except OSError:
@@ -134,6 +129,12 @@ def log_tail(log: Path, n: int = 3000) -> str:
         return log.read_text(errors="replace")[-n:]
     except OSError:
         return ""
+
+
+def print_failure(what: str, m: dict) -> None:
+    """``<what> FAILED (exit N):`` and the log tail of a failed measurement (``m`` from ``run_driver`` or one with
+    ``error_tail`` set)."""
+    print(f"{what} FAILED (exit {m['returncode']}):\n{m.get('error_tail', '')}", flush=True)
 
 
 QUIET = {"max_wait_s": 0.0, "threshold": 0.25}  # set by the benchmarks' --quiet-wait
@@ -196,17 +197,23 @@ def dataset_folder_name(raw: Path) -> tuple[str, int]:
     return "Dataset999_Bench", 999
 
 
+def make_nnunet_folders(root: Path, raw: Path) -> tuple[str, int]:
+    """root/{nnUNet_raw, nnUNet_preprocessed, nnUNet_results}, with nnUNet_raw/<name> a symlink to raw; returns the
+    dataset's nnU-Net (name, id)."""
+    name, ds_id = dataset_folder_name(raw)
+    for d in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    link = root / "nnUNet_raw" / name
+    if not link.exists():
+        link.symlink_to(raw.resolve(), target_is_directory=True)
+    return name, ds_id
+
+
 def setup_nnunet_folders(root: Path, raw: Path, plans_file: Path, fingerprint_file: Path | None) -> Path:
     """nnUNet_raw/<name> (symlink to raw), nnUNet_preprocessed/<name>/{nnUNetPlans.json, dataset.json,
     dataset_fingerprint.json}; returns the preprocessed dataset folder. The plans' dataset_name is set to <name>."""
-    name, _ = dataset_folder_name(raw)
-    nn_raw, nn_pre, nn_res = root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results"
-    for d in (nn_raw, nn_pre, nn_res):
-        d.mkdir(parents=True, exist_ok=True)
-    link = nn_raw / name
-    if not link.exists():
-        link.symlink_to(raw.resolve(), target_is_directory=True)
-    pre = nn_pre / name
+    name, _ = make_nnunet_folders(root, raw)
+    pre = root / "nnUNet_preprocessed" / name
     pre.mkdir(exist_ok=True)
     plans = json.loads(Path(plans_file).read_text())
     plans["dataset_name"] = name
@@ -275,18 +282,29 @@ def reference_plans(raw: Path) -> tuple[Path | None, Path | None]:
 
 def make_nnunet_plans(raw: Path, work: Path, venv_dir: Path, processes: int) -> tuple[Path, Path, dict]:
     """Plans from nnU-Net itself (fingerprint + default planner), when ../shared has none for this dataset."""
-    name, ds_id = dataset_folder_name(raw)
     root = work / "nnunet_planning"
-    nn_raw = root / "nnUNet_raw"
-    nn_raw.mkdir(parents=True, exist_ok=True)
-    if not (nn_raw / name).exists():
-        (nn_raw / name).symlink_to(raw.resolve(), target_is_directory=True)
+    name, ds_id = make_nnunet_folders(root, raw)
     env = nnunet_env(root, processes)
     cmd = [venv_dir / "bin" / "nnUNetv2_plan_and_preprocess", "-d", str(ds_id), "-np", str(processes),
            "--no_pp", "--clean"]
     m = run_measured(cmd, env=env, log=work / "nnunet_planning.log")
     pre = root / "nnUNet_preprocessed" / name
     return pre / "nnUNetPlans.json", pre / "dataset_fingerprint.json", m
+
+
+def plans_for(raw: Path, work: Path, venv_dir: Path, processes: int,
+              announce: bool = False) -> tuple[Path, Path | None] | None:
+    """(plans, fingerprint) files for the benchmarks: nnU-Net's own from ../shared, else made with nnU-Net's planner
+    (``announce``: say so first). None, after printing the planner's log tail, when the planner fails."""
+    plans_file, fp_file = reference_plans(raw)
+    if plans_file is None:
+        if announce:
+            print("no reference plans in ../shared: planning with nnU-Net", flush=True)
+        plans_file, fp_file, m = make_nnunet_plans(raw, work, venv_dir, processes)
+        if m["returncode"] != 0:
+            print(log_tail(work / "nnunet_planning.log"))
+            return None
+    return plans_file, fp_file
 
 
 def run_our_planner(raw: Path, work: Path, processes: int) -> tuple[Path, dict]:
@@ -331,6 +349,25 @@ def stats(values: list[float]) -> dict:
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
+def best_of(runs: list[dict], key: str, higher: bool = False) -> dict:
+    """The repeat with the best ``key`` (least disturbed by other load) as ``best``; peak memory over all repeats."""
+    ok = [r for r in runs if r.get(key) is not None]
+    if not ok:
+        return {"best": None}
+    best = (max if higher else min)(ok, key=lambda r: r[key])
+    return {"best": best, "all_" + key: [r[key] for r in ok],
+            "peak_pss_mb_max": max(r["peak_pss_mb"] for r in ok), "peak_rss_mb_max": max(r["peak_rss_mb"] for r in ok)}
+
+
+def dig(v, *keys):
+    """v[k1][k2]...; None where a level is missing, None or not a dict."""
+    for k in keys:
+        if not isinstance(v, dict) or v.get(k) is None:
+            return None
+        v = v[k]
+    return v
+
+
 def ratio(a, b):
     try:
         return a / b if a is not None and b else None
@@ -358,3 +395,13 @@ def write_result(path: Path, result: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def finish(out: Path, result: dict, work: Path, keep: bool) -> None:
+    """Write the result JSON and say where; keep the work folder (and say so) or delete it."""
+    write_result(out, result)
+    print(f"result written to {out}")
+    if keep:
+        print(f"work folder kept: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)

@@ -218,11 +218,26 @@ def test_dynunet_outputs_train_and_eval(dims):
     assert isinstance(net, DynUNet)
     x = torch.randn(2, 1, *[16] * dims)
     out = net.train()(x)
-    # DynUNet stacks its heads, upsampled (nearest) to full resolution, on dim 1: (B, n_stages - 1, C, *full)
-    assert isinstance(out, torch.Tensor) and tuple(out.shape) == (2, 2, 3, *[16] * dims)
+    # n_stages - 1 outputs at their own resolutions, highest first (nnU-Net's deep supervision)
+    assert isinstance(out, list) and [tuple(o.shape) for o in out] == [(2, 3, *[16] * dims), (2, 3, *[8] * dims)]
     with torch.no_grad():
         assert tuple(net.eval()(x).shape) == (2, 3, *[16] * dims)
     assert tuple(tiny_dynunet(dims, deep_supervision=False).train()(x).shape) == (2, 3, *[16] * dims)
+
+
+def test_dynunet_heads_are_monais_heads_before_upsampling():
+    """Same weights in MONAI's DynUNet: its stacked output is ours with each head upsampled (nearest)."""
+    ours = tiny_dynunet().train()
+    monai_net = DynUNet(3, 1, 3, kernel_size=[[3] * 3] * 3, strides=[[1] * 3] + [[2] * 3] * 2,
+                        upsample_kernel_size=[[2] * 3] * 2, filters=[4, 8, 16], norm_name=("INSTANCE", {"affine": True}),
+                        act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), deep_supervision=True,
+                        deep_supr_num=1, trans_bias=True).train()
+    monai_net.load_state_dict(ours.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        native, stacked = ours(x), monai_net(x)
+    torch.testing.assert_close(native[0], stacked[:, 0])
+    torch.testing.assert_close(nn.functional.interpolate(native[1], size=(16, 16, 16)), stacked[:, 1])
 
 
 def test_dynunet_from_plan_matches_nnunet_topology():
@@ -230,7 +245,8 @@ def test_dynunet_from_plan_matches_nnunet_topology():
     s = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
     net = dynunet_from_plan({"kernel_sizes": k, "strides": s, "features_per_stage": f, "conv_bias": True}, 2, 3)
     assert net.deep_supr_num == 3  # 1 + 3 outputs = n_stages - 1, as nnU-Net
-    assert net.train()(torch.randn(1, 2, 8, 32, 32)).shape == (1, 4, 3, 8, 32, 32)
+    outs = net.train()(torch.randn(1, 2, 8, 32, 32))
+    assert [tuple(o.shape[2:]) for o in outs] == [(8, 32, 32), (8, 16, 16), (4, 8, 8), (2, 4, 4)]
     # DynUNet's conv units have no bias, and its decoder stage at level t uses kernel_sizes[t + 1] (nnU-Net:
     # kernel_sizes[t]), which differs here at level 1 (3x3x3 instead of 1x3x3)
     assert n_params(net) == plain_params(2, 3, f, k, s, [2] * 5, [2] * 4, dynunet=True)
@@ -283,15 +299,15 @@ def test_split_deep_supervision_both_networks():
     x = torch.randn(1, 1, 16, 16, 16)
     res = split_deep_supervision(tiny_resenc().train()(x), 3)
     assert [tuple(o.shape) for o in res] == [(1, 3, 16, 16, 16), (1, 3, 8, 8, 8)]
-    dyn_out = tiny_dynunet().train()(x)
-    dyn = split_deep_supervision(dyn_out, 3)
-    assert [tuple(o.shape) for o in dyn] == [(1, 3, 16, 16, 16)] * 2
-    assert torch.equal(dyn[1], dyn_out[:, 1])
+    dyn = split_deep_supervision(tiny_dynunet().train()(x), 3)
+    assert [tuple(o.shape) for o in dyn] == [(1, 3, 16, 16, 16), (1, 3, 8, 8, 8)]
+    stacked = torch.randn(1, 2, 3, 16, 16, 16)  # MONAI DynUNet's own form: heads upsampled and stacked on dim 1
+    split = split_deep_supervision(stacked, 3)
+    assert len(split) == 2 and torch.equal(split[1], stacked[:, 1])
     plain = torch.randn(1, 3, 16, 16, 16)
     assert split_deep_supervision(plain, 3)[0] is plain
     # a 2-D stacked DS tensor and a plain 3-D output are both 5-D: spatial_dims tells them apart
-    stacked_2d = tiny_dynunet(2).train()(torch.randn(1, 1, 16, 16))
-    assert len(split_deep_supervision(stacked_2d, 2)) == 2
+    assert len(split_deep_supervision(torch.randn(1, 2, 3, 16, 16), 2)) == 2
     with pytest.raises(ValueError):
         split_deep_supervision(torch.randn(1, 3, 16, 16), 3)
 

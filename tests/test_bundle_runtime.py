@@ -149,6 +149,15 @@ def test_loss_ignores_the_ignore_label():
     assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
 
 
+def test_loss_follows_nnunets_sign_convention():
+    """CE - Dice as nnU-Net logs it: about -1 for a perfect prediction, about 0 + CE for a hopeless one."""
+    target = torch.randint(0, 3, (2, 1, 6, 6, 6))
+    perfect = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
+    assert float(DiceCELoss()(perfect, target)) == pytest.approx(-1.0, abs=1e-4)
+    wrong = torch.roll(perfect, 1, dims=1)  # every voxel confidently one class off
+    assert float(DiceCELoss()(wrong, target)) == pytest.approx(50.0, abs=1e-3)
+
+
 def test_pseudo_dice_sums_counts_and_keeps_an_ema():
     metric = PseudoDice(num_classes=3)
     pred = torch.zeros(1, 3, 4, 4)
@@ -165,3 +174,83 @@ def test_pseudo_dice_sums_counts_and_keeps_an_ema():
     metric.reset()
     metric.update((pred, torch.zeros(1, 1, 4, 4) + 1))  # class 2 absent from the reference: Dice 0
     assert metric.compute() == pytest.approx(0.9 * first + 0.1 * np.mean([2 * 8 / (16 + 8), 0.0]))
+
+
+def test_preprocessing_cache_is_the_same_with_a_worker_pool(synthetic_mr, tmp_path, monkeypatch):
+    """The cache build times a few cases in-process and hands the rest to a spawn pool only when that pays off;
+    either way every case is cached with identical arrays."""
+    from autoplan.fingerprint import extract_fingerprint
+    from autoplan.planner import plan as make_plans
+    from bundles.scripts import data
+
+    dataset_json = json.loads((synthetic_mr / "dataset.json").read_text())
+    plans = make_plans(dataset_json, extract_fingerprint(synthetic_mr, processes=1)[0])
+    cases = data.list_cases(synthetic_mr / "imagesTr", ".nii.gz", 2, synthetic_mr / "labelsTr")
+    serial = data.preprocess_to_cache(cases, plans, "3d_fullres", tmp_path / "serial", [1, 2], None, 0)
+    monkeypatch.setattr(data, "POOL_WORTH_SECONDS", 0.0)
+    monkeypatch.setattr(data, "PROBE_SECONDS", 0.0)  # 3 cases in-process, the other 3 in the pool
+    pooled = data.preprocess_to_cache(cases, plans, "3d_fullres", tmp_path / "pooled", [1, 2], None, 2)
+    assert serial.name == pooled.name
+    for item in cases:
+        for suffix in ("_data.npy", "_seg.npy"):
+            np.testing.assert_array_equal(np.load(serial / (item["case"] + suffix)),
+                                          np.load(pooled / (item["case"] + suffix)))
+        assert json.loads((serial / f"{item['case']}.json").read_text()) == \
+            json.loads((pooled / f"{item['case']}.json").read_text())
+    assert not list(pooled.glob(".*"))  # no temporary file left behind
+
+
+def test_spatial_augmentation_resamples_labels_through_their_one_hot_form():
+    """Like nnU-Net: each label's indicator is interpolated linearly and the strongest wins (not nearest-neighbour);
+    an identity transform still returns the exact centre crop."""
+    from monai.transforms import Affine
+
+    from bundles.scripts.augmentation import NnUNetSpatiald, resample_labels
+
+    zz, yy, xx = np.mgrid[:24, :24, :24]
+    label = np.zeros((1, 24, 24, 24), np.float32)
+    label[0][(zz - 12) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2 < 49] = 1
+    label[0][(zz - 12) ** 2 + (yy - 11) ** 2 + (xx - 13) ** 2 < 9] = 2
+    label = torch.from_numpy(label)
+    identity = Affine(rotate_params=[0.0] * 3, scale_params=[1.0] * 3, spatial_size=[16] * 3, image_only=True)
+    torch.testing.assert_close(torch.as_tensor(resample_labels(identity, label)).as_subclass(torch.Tensor),
+                               label[:, 4:20, 4:20, 4:20])
+
+    spatial = NnUNetSpatiald(["image", "label"], [16] * 3, p_rotation=1.0, p_scaling=1.0)
+    spatial.set_random_state(3)
+    out = spatial({"image": label.clone(), "label": label.clone()})
+    spatial.set_random_state(3)
+    spatial.randomize()
+    scale = spatial.scale
+    affine = Affine(rotate_params=spatial.angles, scale_params=[scale] * 3, spatial_size=[16] * 3, image_only=True)
+    indicators = torch.stack([torch.as_tensor(affine((label == v).float(), mode="bilinear")).as_subclass(torch.Tensor)
+                              for v in (0.0, 1.0, 2.0)])
+    got = torch.as_tensor(out["label"]).as_subclass(torch.Tensor).long()
+    assert set(got.unique().tolist()) <= {0, 1, 2}
+    chosen = indicators.gather(0, got[None])[0]
+    assert torch.all(chosen >= indicators.max(0).values - 1e-6)  # the label with the largest indicator everywhere
+    nearest = torch.as_tensor(affine(label, mode="nearest")).as_subclass(torch.Tensor).long()
+    assert (nearest != got).any()  # and that is not what nearest-neighbour gives
+
+
+def test_per_channel_augmentation_draws_each_channel_on_its_own():
+    """nnU-Net's blur and low-resolution simulation: p for the sample, then p_per_channel for each channel."""
+    from monai.transforms import Randomizable, RandGaussianSmooth
+
+    from bundles.scripts.augmentation import RandPerChanneld
+
+    class AddOne(Randomizable):
+        def __call__(self, x):
+            return x + 1
+
+    t = RandPerChanneld("image", AddOne(), prob=0.5, p_per_channel=0.5)
+    t.set_random_state(0)
+    hits = np.array([[float(t({"image": torch.zeros(2, 4, 4)})["image"][c].max()) for c in range(2)]
+                     for _ in range(4000)])
+    assert hits[:, 0].mean() == pytest.approx(0.25, abs=0.03) and hits[:, 1].mean() == pytest.approx(0.25, abs=0.03)
+    assert hits.all(1).mean() == pytest.approx(0.0625, abs=0.015)  # independent channels
+    blur = RandPerChanneld("image", RandGaussianSmooth(prob=1.0, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
+                                                       sigma_z=(0.5, 1.0)), prob=1.0, p_per_channel=1.0)
+    image = torch.rand(2, 8, 8, 8)
+    out = blur({"image": image})["image"]
+    assert out.shape == image.shape and out.dtype == image.dtype and not torch.allclose(out, image)

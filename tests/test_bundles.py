@@ -105,7 +105,7 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
             parser["dummy_2d"], parser["rotation"] = True, float(np.pi)
         compose = parser.get_parsed_content("train#preprocessing")
         for t in compose.transforms:
-            for attribute in ("prob", "p_rotation", "p_scaling"):
+            for attribute in ("prob", "p_rotation", "p_scaling", "p_per_channel"):
                 if hasattr(t, attribute):
                     setattr(t, attribute, 1.0)
             if hasattr(t, "rand_flip"):
@@ -171,6 +171,33 @@ def test_resume_continues_from_the_last_epoch(trained_3d):
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and {"metrics.train_loss", "metrics.val_pseudo_dice"} <= set(runs.columns)
 
+
+
+def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(emitted, tmp_path):
+    """Data-loading workers live for the whole training (validation with half as many), as nnU-Net's augmenters do;
+    cuDNN autotunes (nnU-Net's setting) unless ``deterministic`` is set."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle = shutil.copytree(emitted[2]["3d_fullres"], tmp_path / "bundle")
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        with bundle_on_path(bundle):
+            for deterministic in (False, True):
+                parser = ConfigParser()
+                parser.read_config(str(bundle / "configs/train.json"))
+                parser["bundle_root"], parser["num_workers"] = str(bundle), 2
+                parser["deterministic"] = deterministic
+                parser.get_parsed_content("initialize")
+                assert torch.backends.cudnn.benchmark is not deterministic
+                assert torch.backends.cudnn.deterministic is deterministic
+            train, val = (parser.get_parsed_content(f"{k}#dataloader") for k in ("train", "validate"))
+            assert (train.num_workers, val.num_workers) == (2, 1) and train.persistent_workers and val.persistent_workers
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
+    bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
+               "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "2")
+    assert json.loads((bundle / "eval/progress.json").read_text())["epoch"] == [1, 2]
 
 def assert_same_geometry(prediction: Path, image: Path):
     a, b = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(image))

@@ -4,18 +4,34 @@ centre crop of the enlarged sampled patch to the plan's patch size.
 MONAI's ``RandAffined`` has one probability for all its parameters and scales by ``1 + U(-s, s)``; nnU-Net draws
 rotation (p 0.2) and scaling (p 0.2, factor U(0.7, 1.4), > 1 zooms out) independently, and "dummy 2-D" plans rotate
 in-plane only. This transform draws the parameters and lets MONAI's ``Affine`` do the resampling; every intensity
-augmentation of the pipeline is a MONAI transform in the bundle's train.json.
+augmentation of the pipeline is a MONAI transform in the bundle's train.json. Label maps (mode ``"labels"``) are
+resampled as nnU-Net does: each label's indicator linearly, the strongest label wins per voxel (nearest-neighbour
+would make thin structures ragged). ``RandPerChanneld`` gives MONAI's blur and low-resolution simulation nnU-Net's
+per-channel probability.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from monai.transforms import Affine, CenterSpatialCrop, MapTransform, Randomizable
+
+
+def resample_labels(affine: Affine, label) -> torch.Tensor:
+    """``affine`` applied to a label map through its one-hot form: every label's indicator interpolated linearly,
+    then the label with the largest value per voxel (outside the image all are 0: the lowest label wins)."""
+    label = torch.as_tensor(label)
+    values = torch.unique(label)
+    resampled = [affine((label == v).to(torch.float32), mode="bilinear") for v in values]
+    winner = torch.stack([torch.as_tensor(r).as_subclass(torch.Tensor) for r in resampled]).argmax(0)
+    out = resampled[0]  # a resampled tensor of the right type (MetaTensor with the affine's metadata)
+    out[...] = values.to(out.dtype)[winner]
+    return out.to(label.dtype)
 
 
 class NnUNetSpatiald(Randomizable, MapTransform):
     def __init__(self, keys, patch_size, rotation: float = np.pi / 6, p_rotation: float = 0.2,
-                 p_scaling: float = 0.2, scaling=(0.7, 1.4), dummy_2d: bool = False, mode=("bilinear", "nearest")):
+                 p_scaling: float = 0.2, scaling=(0.7, 1.4), dummy_2d: bool = False, mode=("bilinear", "labels")):
         MapTransform.__init__(self, keys)
         self.patch_size = [int(p) for p in patch_size]
         self.rotation = abs(float(rotation))
@@ -47,5 +63,36 @@ class NnUNetSpatiald(Randomizable, MapTransform):
         affine = Affine(rotate_params=self.angles, scale_params=scales, spatial_size=self.patch_size,
                         padding_mode="zeros", image_only=True)
         for key, mode in zip(self.key_iterator(d), self.mode):
-            d[key] = affine(d[key], mode=mode)
+            d[key] = resample_labels(affine, d[key]) if mode == "labels" else affine(d[key], mode=mode)
+        return d
+
+
+class RandPerChanneld(Randomizable, MapTransform):
+    """With probability ``prob``, apply the array ``transform`` to each channel on its own with probability
+    ``p_per_channel`` (each channel draws its own parameters), as nnU-Net's blur and low-resolution simulation do;
+    MONAI's transforms treat all channels alike. ``transform`` should be a random transform with ``prob=1``."""
+
+    def __init__(self, keys, transform, prob: float, p_per_channel: float = 0.5):
+        MapTransform.__init__(self, keys)
+        self.transform, self.prob, self.p_per_channel = transform, prob, p_per_channel
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        if isinstance(self.transform, Randomizable):  # its own stream, derived from ours
+            self.transform.set_random_state(seed=int(self.R.randint(2**31)))
+        return self
+
+    def randomize(self, data=None) -> None:
+        self._do = self.R.uniform() < self.prob
+
+    def __call__(self, data):
+        self.randomize()
+        d = dict(data)
+        if not self._do:
+            return d
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            channels = [self.transform(image[c:c + 1]) if self.R.uniform() < self.p_per_channel else image[c:c + 1]
+                        for c in range(image.shape[0])]
+            d[key] = torch.cat([torch.as_tensor(c, dtype=image.dtype) for c in channels])
         return d

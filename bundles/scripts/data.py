@@ -26,6 +26,7 @@ from .preprocessing import (PlanSettings, one_hot, preprocess_case, preprocess_p
 
 MAX_LOCATIONS = 10000
 POOL_WORTH_SECONDS = 20.0  # estimated serial preprocessing time above which a worker pool is started
+PROBE_SECONDS = 1.0  # cases are timed in-process (at least 3) for this long before the pool decision
 LOCATION_SEED = 1234
 
 
@@ -149,12 +150,17 @@ def preprocess_to_cache(datalist: list[dict], plans: dict, configuration: str, c
     jobs = [(item, plan, foreground_labels, ignore_label, str(folder)) for item in todo]
     if not jobs:
         return folder
-    # The first case is timed in this process: a worker pool costs seconds of start-up (each spawned worker imports
-    # torch and MONAI), which only pays off when the remaining cases are expensive.
-    start = time.monotonic()
-    _preprocess_job(jobs[0])
-    remaining = jobs[1:]
-    if num_workers > 1 and len(remaining) > 1 and (time.monotonic() - start) * len(remaining) > POOL_WORTH_SECONDS:
+    # The first cases are timed in this process: a worker pool costs seconds of start-up (each spawned worker imports
+    # torch and MONAI), which only pays off when the remaining cases are expensive. The first case also carries
+    # one-off costs (imports, reader set-up), so the estimate is the median of the later ones.
+    times: list[float] = []
+    while len(times) < len(jobs) and (len(times) < 3 or sum(times) < PROBE_SECONDS):
+        start = time.monotonic()
+        _preprocess_job(jobs[len(times)])
+        times.append(time.monotonic() - start)
+    remaining = jobs[len(times):]
+    per_case = float(np.median(times[1:])) if len(times) > 1 else times[0]
+    if num_workers > 1 and len(remaining) > 1 and per_case * len(remaining) > POOL_WORTH_SECONDS:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(min(num_workers, len(remaining))) as pool:

@@ -25,7 +25,9 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
 
 
 class DiceCELoss(nn.Module):
-    """Soft Dice (softmax, background excluded, smooth 1e-5) + cross-entropy, both 1.0, on a label-map target.
+    """Cross-entropy minus soft Dice (softmax, background excluded, smooth 1e-5), both weighted 1.0, on a label-map
+    target. nnU-Net's Dice term is -Dice (MONAI's is 1 - Dice): the offset changes no gradient, but keeps the logged
+    loss comparable with nnU-Net's (a perfect prediction gives -1).
 
     With ``ignore_label`` the ignored voxels are masked out of both terms, and cross-entropy is skipped when a batch
     has no annotated voxel.
@@ -46,7 +48,7 @@ class DiceCELoss(nn.Module):
             mask = target != self.ignore_label
             clean = torch.where(mask, target, torch.zeros_like(target))
         onehot = F.one_hot(clean[:, 0], logits.shape[1]).movedim(-1, 1).to(logits.dtype)
-        dice = self.dice(logits, onehot, mask.to(logits.dtype))
+        dice = self.dice(logits, onehot, mask.to(logits.dtype)) - 1.0
         if not mask.any():
             return dice
         ce = F.cross_entropy(logits, target[:, 0], ignore_index=-100 if self.ignore_label is None else self.ignore_label)

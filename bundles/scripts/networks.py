@@ -6,14 +6,11 @@ checkpoints load). The default nnU-Net topology (PlainConvUNet) is expressed wit
 here must stay ``torch.jit.trace``-able in eval mode (``ckpt_export --use_trace`` makes ``model.ts``); the ResEnc
 network and ``MirrorTTA`` also script, which DynUNet with deep supervision does not.
 
-Deep-supervision outputs differ between the two networks in training mode:
-
-* ``ResidualEncoderUNet`` returns a list of logits at each decoder stage's own resolution, highest first (nnU-Net).
-* ``DynUNet`` returns one tensor ``(B, 1 + deep_supr_num, C, *full_size)``: every head's logits upsampled (nearest)
-  to full resolution and stacked on dim 1, full-resolution output first.
-
-``split_deep_supervision`` turns either into a list (highest resolution first) so one loss wrapper serves both; a
-loss that resizes the target to each output's shape (as MONAI's ``DeepSupervisionLoss`` does) then works for both.
+In training mode with deep supervision both networks return a list of logits, one per decoder stage at that stage's
+own resolution, highest first (nnU-Net's outputs; MONAI's own ``DynUNet`` would upsample every head to full
+resolution and stack them, which costs memory and a full-resolution loss per head). A loss that resizes the target to
+each output's shape (MONAI's ``DeepSupervisionLoss``, nearest-exact as nnU-Net) takes the list; in eval mode both
+return one ``(B, C, *spatial)`` tensor. ``split_deep_supervision`` also accepts MONAI's stacked form.
 """
 
 import itertools
@@ -252,14 +249,25 @@ def _check_arch_kwargs(kw: dict) -> None:
         raise ValueError("unsupported architecture settings: " + ", ".join(problems))
 
 
+class NativeResolutionDynUNet(DynUNet):
+    """MONAI's ``DynUNet`` whose deep-supervision heads stay at their own resolution in training (a list, highest
+    resolution first), like nnU-Net's PlainConvUNet; same modules and state dict as ``DynUNet``."""
+
+    def forward(self, x):
+        out = self.output_block(self.skip_layers(x))
+        if self.training and self.deep_supervision:
+            return [out, *self.heads]
+        return out
+
+
 def dynunet_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
     """MONAI ``DynUNet`` for an nnU-Net PlainConvUNet plan (``architecture.arch_kwargs``).
 
-    Same stages, strides, widths, norm, activation and init as nnU-Net, with three differences DynUNet cannot avoid:
-    its convs have no bias (redundant before InstanceNorm; its transposed convs get one via ``trans_bias``, as
-    nnU-Net's); the decoder stage at level t convolves with ``kernel_sizes[t + 1]`` where nnU-Net uses
-    ``kernel_sizes[t]`` (only differs on anisotropic plans, e.g. 3x3x3 instead of 1x3x3); deep-supervision outputs
-    (``n_stages - 1``, from the same decoder stages as nnU-Net's) come stacked at full resolution (module docstring).
+    Same stages, strides, widths, norm, activation and init as nnU-Net, and the same ``n_stages - 1``
+    deep-supervision outputs at their own resolutions (``NativeResolutionDynUNet``), with two differences DynUNet
+    cannot avoid: its convs have no bias (redundant before InstanceNorm; its transposed convs get one via
+    ``trans_bias``, as nnU-Net's); the decoder stage at level t convolves with ``kernel_sizes[t + 1]`` where nnU-Net
+    uses ``kernel_sizes[t]`` (only differs on anisotropic plans, e.g. 3x3x3 instead of 1x3x3).
     DynUNet has exactly two convs per stage and needs at least 3 stages; other plans raise ``ValueError``.
     """
     _check_arch_kwargs(arch_kwargs)
@@ -271,7 +279,7 @@ def dynunet_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, de
         per_stage = arch_kwargs.get(key, 2)
         if any(int(c) != 2 for c in ([per_stage] if isinstance(per_stage, int) else per_stage)):
             raise ValueError(f"DynUNet has 2 convs per stage; the plan has {key}={per_stage}")
-    return DynUNet(len(kernels[0]), in_channels, out_channels, kernel_size=kernels, strides=strides,
+    return NativeResolutionDynUNet(len(kernels[0]), in_channels, out_channels, kernel_size=kernels, strides=strides,
                    upsample_kernel_size=strides[1:], filters=arch_kwargs["features_per_stage"],
                    norm_name=("INSTANCE", {"affine": True}),
                    act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
