@@ -18,14 +18,22 @@ from monai.transforms import Affine, CenterSpatialCrop, MapTransform, Randomizab
 
 
 def resample_labels(affine: Affine, label) -> torch.Tensor:
-    """``affine`` applied to a label map through its one-hot form: every label's indicator interpolated linearly,
-    then the label with the largest value per voxel (outside the image all are 0: the lowest label wins)."""
+    """``affine`` applied to a label map through its one-hot form: every label's indicator interpolated linearly
+    (one resampling of all indicators together), then the label with the largest value per voxel; ties, such as
+    outside the image where all are 0, go to the lowest label."""
     label = torch.as_tensor(label)
-    values = torch.unique(label)
-    resampled = [affine((label == v).to(torch.float32), mode="bilinear") for v in values]
-    winner = torch.stack([torch.as_tensor(r).as_subclass(torch.Tensor) for r in resampled]).argmax(0)
-    out = resampled[0]  # a resampled tensor of the right type (MetaTensor with the affine's metadata)
-    out[...] = values.to(out.dtype)[winner]
+    lowest = int(label.min())
+    values = torch.arange(lowest, int(label.max()) + 1)  # labels are small integers; an absent one never wins
+    onehot = (label[0] == values.view(-1, *[1] * (label.ndim - 1)).to(label.dtype)).to(torch.float32)
+    resampled = affine(onehot, mode="bilinear")
+    indicators = torch.as_tensor(resampled).as_subclass(torch.Tensor)
+    best, winner = indicators[0], torch.zeros(indicators.shape[1:], dtype=label.dtype)
+    for i in range(1, len(values)):  # an elementwise running maximum: much faster than argmax over dim 0
+        better = indicators[i] > best
+        winner[better] = i
+        best = torch.maximum(best, indicators[i])
+    out = resampled[:1]  # keeps the type and metadata of a resampled tensor
+    out[0] = winner + lowest
     return out.to(label.dtype)
 
 
