@@ -254,3 +254,18 @@ def test_per_channel_augmentation_draws_each_channel_on_its_own():
     image = torch.rand(2, 8, 8, 8)
     out = blur({"image": image})["image"]
     assert out.shape == image.shape and out.dtype == image.dtype and not torch.allclose(out, image)
+
+
+def test_dummy_2d_low_resolution_leaves_the_first_axis_alone():
+    """nnU-Net ignores axis 0 when dummy-2D plans simulate low resolution; slices that are constant in-plane but differ
+    along z come back unchanged in-plane, while the 3-D transform mixes them."""
+    from monai.transforms import RandSimulateLowResolution
+
+    from bundles.scripts.augmentation import InPlane
+
+    image = torch.arange(8, dtype=torch.float32).view(1, 8, 1, 1).expand(1, 8, 12, 12).clone()
+    in_plane = InPlane(RandSimulateLowResolution(prob=1.0, zoom_range=(0.5, 0.5), upsample_mode="bilinear"))
+    in_plane.set_random_state(0)
+    torch.testing.assert_close(torch.as_tensor(in_plane(image)).as_subclass(torch.Tensor), image)
+    volume = RandSimulateLowResolution(prob=1.0, zoom_range=(0.5, 0.5), upsample_mode="trilinear")
+    assert not torch.allclose(torch.as_tensor(volume(image)).as_subclass(torch.Tensor), image)

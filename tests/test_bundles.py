@@ -104,6 +104,8 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
         if config == "dummy_2d":
             parser["dummy_2d"], parser["rotation"] = True, float(np.pi)
         compose = parser.get_parsed_content("train#preprocessing")
+        in_plane = [t for t in compose.transforms if type(getattr(t, "transform", None)).__name__ == "InPlane"]
+        assert len(in_plane) == (config == "dummy_2d")  # low-resolution simulation in-plane only for dummy 2-D
         for t in compose.transforms:
             for attribute in ("prob", "p_rotation", "p_scaling", "p_per_channel"):
                 if hasattr(t, attribute):

@@ -7,7 +7,8 @@ in-plane only. This transform draws the parameters and lets MONAI's ``Affine`` d
 augmentation of the pipeline is a MONAI transform in the bundle's train.json. Label maps (mode ``"labels"``) are
 resampled as nnU-Net does: each label's indicator linearly, the strongest label wins per voxel (nearest-neighbour
 would make thin structures ragged). ``RandPerChanneld`` gives MONAI's blur and low-resolution simulation nnU-Net's
-per-channel probability.
+per-channel probability, and ``InPlane`` lets a 2-D transform act on every slice (dummy 2-D low-resolution simulation
+leaves the first axis alone, as nnU-Net's ``ignore_axes``).
 """
 
 from __future__ import annotations
@@ -104,3 +105,23 @@ class RandPerChanneld(Randomizable, MapTransform):
                         for c in range(image.shape[0])]
             d[key] = torch.cat([torch.as_tensor(c, dtype=image.dtype) for c in channels])
         return d
+
+
+class InPlane(Randomizable):
+    """A 2-D array transform applied to a one-channel 3-D image ``(1, Z, Y, X)`` with its Z slices as channels: it acts
+    in-plane only and every slice gets the same random parameters (nnU-Net's dummy-2D ``ignore_axes=(0,)``)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=int(self.R.randint(2**31)))
+        return self
+
+    def randomize(self, data=None) -> None:
+        pass  # the wrapped transform draws its own parameters
+
+    def __call__(self, image):
+        return self.transform(image[0])[None]
