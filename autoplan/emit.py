@@ -219,8 +219,8 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 
 def _cascade(train: dict, inference: dict) -> None:
     """The cascade's extra input: the previous stage's prediction travels as ``prev`` (spatially augmented like a
-    label) and becomes one-hot channels of the image at the end of the pipeline (spec 5.4 row 13; the random
-    morphology nnU-Net applies to it is not reproduced)."""
+    label) and becomes one-hot channels of the image at the end of the pipeline, randomly perturbed in training
+    (spec 5.4 row 13)."""
     to_channels = {"_target_": "scripts.data.PreviousStageToChannelsd", "keys": "prev", "image_key": "image",
                    "labels": "@foreground_labels"}
     for stage in ("train", "validate"):
@@ -230,10 +230,13 @@ def _cascade(train: dict, inference: dict) -> None:
         for t in transforms:
             if t["_target_"] == "scripts.augmentation.NnUNetSpatiald":
                 t["keys"] = ["image", "label", "prev"]
-                t["mode"] = ["bilinear", "nearest", "nearest"]
+                t["mode"] = ["bilinear", "labels", "labels"]
             if t["_target_"] == "RandFlipd":
                 t["keys"] = ["image", "label", "prev"]
         transforms.insert(len(transforms) - 1, to_channels)
+        if stage == "train":
+            transforms.insert(len(transforms) - 1, {"_target_": "scripts.augmentation.CascadeMorphologyd",
+                                                    "keys": "image", "num_channels": "$len(@foreground_labels)"})
     inference["previous_stage_dir"] = "$@bundle_root + '/eval/previous_stage'"
     inference["datalist"] = ("$scripts.data.with_previous_stage(scripts.data.list_cases(@dataset_dir, @file_ending, "
                              "@num_channels) if os.path.isdir(@dataset_dir) else [{'image': @dataset_dir}], "

@@ -269,3 +269,33 @@ def test_dummy_2d_low_resolution_leaves_the_first_axis_alone():
     torch.testing.assert_close(torch.as_tensor(in_plane(image)).as_subclass(torch.Tensor), image)
     volume = RandSimulateLowResolution(prob=1.0, zoom_range=(0.5, 0.5), upsample_mode="trilinear")
     assert not torch.allclose(torch.as_tensor(volume(image)).as_subclass(torch.Tensor), image)
+
+
+def test_cascade_morphology_perturbs_the_previous_stage_channels():
+    """Ball-shaped binary operators and connected-component removal on the one-hot channels; the image channels are
+    untouched and no voxel ends up in two channels."""
+    from bundles.scripts.augmentation import CascadeMorphologyd
+
+    cube = np.zeros((21, 21, 21), bool)
+    cube[6:15, 6:15, 6:15] = True
+    op = CascadeMorphologyd.operate
+    assert op(cube, "dilation", 2.0).sum() > cube.sum() and op(cube, "erosion", 2.0).sum() < cube.sum()
+    assert not op(cube, "dilation", 2.0)[0, 0, 0] and op(cube, "dilation", 2.0)[4, 10, 10]  # a ball, 2 voxels out
+    assert (op(cube, "opening", 2.0) <= cube).all() and (op(cube, "closing", 2.0) >= cube).all()
+    two_blobs = np.zeros((20, 20, 20), bool)
+    two_blobs[2:5, 2:5, 2:5] = two_blobs[12:16, 12:16, 12:16] = True
+    morph = CascadeMorphologyd("image", 2, p_binary=1.0, p_remove=1.0, p_per_label=1.0)
+    morph.set_random_state(0)
+    kept = morph.remove_component(two_blobs)
+    assert kept.sum() in (27, 64)  # exactly one of the two components is gone
+    big = np.ones((10, 10, 10), bool)
+    assert morph.remove_component(big).all()  # a component over 15 % of the patch stays
+
+    image = torch.zeros(3, 20, 20, 20)
+    image[0] = torch.randn(20, 20, 20)
+    image[1, 2:8, 2:8, 2:8] = 1
+    image[2, 8:14, 8:14, 8:14] = 1
+    out = morph({"image": image.clone()})["image"]
+    torch.testing.assert_close(out[0], image[0])
+    assert not torch.equal(out[1:], image[1:])
+    assert set(out[1:].unique().tolist()) <= {0.0, 1.0} and (out[1:].sum(0) <= 1).all()

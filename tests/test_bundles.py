@@ -310,6 +310,18 @@ def test_cascade_uses_the_previous_stage_as_extra_channels(emitted, tmp_path):
     assert train["in_channels"] == 3  # 1 image channel + 2 foreground labels
     bundle_cmd(cascade, "run", "training", "--config_file", "configs/train.json", *FAST)
     assert (cascade / "eval/validation/summary.json").is_file()
+    from monai.bundle import ConfigParser
+
+    with bundle_on_path(cascade):  # the random perturbation of the previous-stage channels, forced to fire
+        parser = ConfigParser()
+        parser.read_config(str(cascade / "configs/train.json"))
+        parser["bundle_root"] = str(cascade)
+        dataset = parser.get_parsed_content("train#dataset")
+        morph = [t for t in dataset.transform.transforms if type(t).__name__ == "CascadeMorphologyd"]
+        assert len(morph) == 1 and morph[0].num_channels == 2
+        morph[0].p_binary = morph[0].p_remove = morph[0].p_per_label = 1.0
+        sample = dataset[0]
+        assert sample["image"].shape[0] == 3 and (sample["image"][1:].sum(0) <= 1).all()
     previous = cascade / "eval" / "previous_stage"
     previous.mkdir()
     shutil.copyfile(raw / "labelsTr" / "case_000.nii.gz", previous / "case_005.nii.gz")  # any label map will do

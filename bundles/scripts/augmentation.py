@@ -8,13 +8,15 @@ augmentation of the pipeline is a MONAI transform in the bundle's train.json. La
 resampled as nnU-Net does: each label's indicator linearly, the strongest label wins per voxel (nearest-neighbour
 would make thin structures ragged). ``RandPerChanneld`` gives MONAI's blur and low-resolution simulation nnU-Net's
 per-channel probability, and ``InPlane`` lets a 2-D transform act on every slice (dummy 2-D low-resolution simulation
-leaves the first axis alone, as nnU-Net's ``ignore_axes``).
+leaves the first axis alone, as nnU-Net's ``ignore_axes``). ``CascadeMorphologyd`` perturbs a cascade's previous-stage
+channels as nnU-Net does, so the full-resolution stage does not learn to trust the low-resolution prediction blindly.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.transforms import Affine, CenterSpatialCrop, MapTransform, Randomizable
 
 
@@ -125,3 +127,68 @@ class InPlane(Randomizable):
 
     def __call__(self, image):
         return self.transform(image[0])[None]
+
+
+class CascadeMorphologyd(Randomizable, MapTransform):
+    """nnU-Net's augmentation of a cascade's previous-stage one-hot channels (the last ``num_channels`` of the image):
+    with ``p_binary``, each channel (random order, ``p_per_label``) gets a random binary dilation, erosion, opening or
+    closing with a ball of radius U(1, 8), and voxels it adds leave the other channels; with ``p_remove``, each channel
+    (``p_per_label``) loses one random connected component covering at most ``max_fraction`` of the patch."""
+
+    OPERATIONS = ("dilation", "erosion", "opening", "closing")
+
+    def __init__(self, keys, num_channels: int, p_binary: float = 0.4, p_remove: float = 0.2,
+                 p_per_label: float = 0.5, strel_size=(1.0, 8.0), max_fraction: float = 0.15):
+        MapTransform.__init__(self, keys)
+        self.num_channels, self.p_binary, self.p_remove = int(num_channels), p_binary, p_remove
+        self.p_per_label, self.strel_size, self.max_fraction = p_per_label, tuple(strel_size), max_fraction
+
+    def randomize(self, data=None) -> None:
+        pass  # draws happen per channel in __call__
+
+    @staticmethod
+    def operate(mask: np.ndarray, operation: str, radius: float) -> np.ndarray:
+        """Binary morphology with a Euclidean ball of ``radius`` (distance transforms: cost independent of it)."""
+        def dilate(m):
+            return ndimage.distance_transform_edt(~m) <= radius if m.any() and not m.all() else m.copy()
+
+        def erode(m):
+            return ~dilate(~m)
+
+        first, second = {"dilation": (dilate, None), "erosion": (erode, None), "opening": (erode, dilate),
+                         "closing": (dilate, erode)}[operation]
+        out = first(mask)
+        return second(out) if second is not None else out
+
+    def remove_component(self, mask: np.ndarray) -> np.ndarray:
+        components, n = ndimage.label(mask)
+        if n == 0:
+            return mask
+        sizes = np.bincount(components.ravel())[1:]
+        small = np.flatnonzero(sizes <= self.max_fraction * mask.size) + 1
+        if len(small) == 0:
+            return mask
+        return mask & (components != small[self.R.randint(len(small))])
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            first = image.shape[0] - self.num_channels
+            masks = [image[c].as_subclass(torch.Tensor).numpy() > 0.5 for c in range(first, image.shape[0])]
+            before = [m.copy() for m in masks]
+            if self.R.uniform() < self.p_binary:
+                for i in self.R.permutation(len(masks)):
+                    if self.R.uniform() < self.p_per_label and masks[i].any():
+                        new = self.operate(masks[i], self.OPERATIONS[self.R.randint(4)], self.R.uniform(*self.strel_size))
+                        added = new & ~masks[i]
+                        masks = [m & ~added if j != i else new for j, m in enumerate(masks)]
+            if self.R.uniform() < self.p_remove:
+                for i in range(len(masks)):
+                    if self.R.uniform() < self.p_per_label:
+                        masks[i] = self.remove_component(masks[i])
+            if any((m != b).any() for m, b in zip(masks, before)):
+                image = image.clone()
+                image[first:] = torch.from_numpy(np.stack(masks)).to(image.dtype)
+                d[key] = image
+        return d
