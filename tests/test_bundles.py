@@ -195,6 +195,7 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
                 assert torch.backends.cudnn.deterministic is deterministic
             train, val = (parser.get_parsed_content(f"{k}#dataloader") for k in ("train", "validate"))
             assert (train.num_workers, val.num_workers) == (2, 1) and train.persistent_workers and val.persistent_workers
+            assert parser.get_parsed_content("train#trainer").non_blocking  # overlaps host-to-GPU copies (pinned)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
     bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
