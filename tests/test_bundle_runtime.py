@@ -156,6 +156,10 @@ def test_loss_follows_nnunets_sign_convention():
     assert float(DiceCELoss()(perfect, target)) == pytest.approx(-1.0, abs=1e-4)
     wrong = torch.roll(perfect, 1, dims=1)  # every voxel confidently one class off
     assert float(DiceCELoss()(wrong, target)) == pytest.approx(50.0, abs=1e-3)
+    logits = torch.randn(2, 3, 6, 6, 6)
+    for batch_dice in (False, True):  # an ignore label absent from the target changes nothing (masked path = plain)
+        torch.testing.assert_close(DiceCELoss(batch_dice, ignore_label=7)(logits, target),
+                                   DiceCELoss(batch_dice)(logits, target))
 
 
 def test_pseudo_dice_sums_counts_and_keeps_an_ema():

@@ -1,15 +1,16 @@
 """nnU-Net's loss: Dice + cross-entropy with deep supervision (spec 5.2), with an ignore label for sparse labels.
 
-MONAI's ``DiceCELoss`` has no ignore index, so the loss is assembled from ``MaskedDiceLoss`` and torch's
-cross-entropy (which has ``ignore_index``). Deep supervision uses MONAI's ``DeepSupervisionLoss``, which resizes the
-target to each output (nearest-exact), after the network's output is split into a list.
+MONAI's ``DiceCELoss`` has no ignore index, so the loss is assembled from MONAI's ``DiceLoss`` (``MaskedDiceLoss``
+with an ignore label) and torch's cross-entropy (which has ``ignore_index``). Deep supervision uses MONAI's
+``DeepSupervisionLoss``, which resizes the target to each output (nearest-exact), after the network's output is split
+into a list.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DeepSupervisionLoss, MaskedDiceLoss
+from monai.losses import DeepSupervisionLoss, DiceLoss, MaskedDiceLoss
 from torch import nn
 
 from .networks import split_deep_supervision
@@ -36,23 +37,20 @@ class DiceCELoss(nn.Module):
     def __init__(self, batch_dice: bool = False, ignore_label: int | None = None):
         super().__init__()
         self.ignore_label = ignore_label
-        self.dice = MaskedDiceLoss(include_background=False, softmax=True, batch=batch_dice, smooth_nr=1e-5,
-                                   smooth_dr=1e-5)
+        kwargs = dict(include_background=False, softmax=True, batch=batch_dice, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.dice = DiceLoss(**kwargs) if ignore_label is None else MaskedDiceLoss(**kwargs)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.long()
         if self.ignore_label is None:
-            mask = torch.ones_like(target, dtype=torch.bool)
-            clean = target
-        else:
-            mask = target != self.ignore_label
-            clean = torch.where(mask, target, torch.zeros_like(target))
-        onehot = F.one_hot(clean[:, 0], logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+            onehot = torch.zeros_like(logits).scatter_(1, target, 1.0)
+            return self.dice(logits, onehot) - 1.0 + F.cross_entropy(logits, target[:, 0])
+        mask = target != self.ignore_label
+        onehot = torch.zeros_like(logits).scatter_(1, torch.where(mask, target, torch.zeros_like(target)), 1.0)
         dice = self.dice(logits, onehot, mask.to(logits.dtype)) - 1.0
         if not mask.any():
             return dice
-        ce = F.cross_entropy(logits, target[:, 0], ignore_index=-100 if self.ignore_label is None else self.ignore_label)
-        return dice + ce
+        return dice + F.cross_entropy(logits, target[:, 0], ignore_index=self.ignore_label)
 
 
 class NnUNetLoss(nn.Module):
