@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 from monai.transforms import Affine, CenterSpatialCrop, MapTransform, Randomizable
+from scipy import ndimage
 
 
 def resample_labels(affine: Affine, label) -> torch.Tensor:
@@ -78,7 +78,20 @@ class NnUNetSpatiald(Randomizable, MapTransform):
         return d
 
 
-class RandPerChanneld(Randomizable, MapTransform):
+class _WrapsTransform(Randomizable):
+    """A transform around another random ``self.transform``, which is seeded from this one's stream (so that the
+    DataLoader's per-worker seeding reaches it)."""
+
+    transform: object
+
+    def set_random_state(self, seed=None, state=None):
+        super().set_random_state(seed, state)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=int(self.R.randint(2**31)))
+        return self
+
+
+class RandPerChanneld(_WrapsTransform, MapTransform):
     """With probability ``prob``, apply the array ``transform`` to each channel on its own with probability
     ``p_per_channel`` (each channel draws its own parameters), as nnU-Net's blur and low-resolution simulation do;
     MONAI's transforms treat all channels alike. ``transform`` should be a random transform with ``prob=1``."""
@@ -86,12 +99,6 @@ class RandPerChanneld(Randomizable, MapTransform):
     def __init__(self, keys, transform, prob: float, p_per_channel: float = 0.5):
         MapTransform.__init__(self, keys)
         self.transform, self.prob, self.p_per_channel = transform, prob, p_per_channel
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        if isinstance(self.transform, Randomizable):  # its own stream, derived from ours
-            self.transform.set_random_state(seed=int(self.R.randint(2**31)))
-        return self
 
     def randomize(self, data=None) -> None:
         self._do = self.R.uniform() < self.prob
@@ -109,18 +116,12 @@ class RandPerChanneld(Randomizable, MapTransform):
         return d
 
 
-class InPlane(Randomizable):
+class InPlane(_WrapsTransform):
     """A 2-D array transform applied to a one-channel 3-D image ``(1, Z, Y, X)`` with its Z slices as channels: it acts
     in-plane only and every slice gets the same random parameters (nnU-Net's dummy-2D ``ignore_axes=(0,)``)."""
 
     def __init__(self, transform):
         self.transform = transform
-
-    def set_random_state(self, seed=None, state=None):
-        super().set_random_state(seed, state)
-        if isinstance(self.transform, Randomizable):
-            self.transform.set_random_state(seed=int(self.R.randint(2**31)))
-        return self
 
     def randomize(self, data=None) -> None:
         pass  # the wrapped transform draws its own parameters
