@@ -206,19 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     result["label_float_workaround"] = label_float
     lf = ["--label-float"] if label_float else []
 
+    def drive(tool, command, common, log_name):
+        """One driver subcommand for one system in its own process: ours on the bundle, nnU-Net's on its dataset."""
+        if tool == "ours":
+            return bu.run_driver(sys.executable, "ours_driver.py", [command, "--bundle", bundle, "--workers",
+                                                                    args.workers, *common, *lf],
+                                 work, f"ours_{log_name}", env=ours_env, cwd=bu.REPO)
+        return bu.run_driver(nn_py, "nnunet_driver.py", [command, "--dataset", name, "--configuration",
+                                                         args.configuration, "--fold", args.fold, *common],
+                             work, f"nnunet_{log_name}", env=nn_env)
+
     # ---- 2. data loader alone --------------------------------------------------------------------------------------
     loaders = {t: [] for t in tools}
     common = ["--warmup", args.loader_warmup, "--batches", args.loader_batches]
     for rep in range(args.repeats):
         for tool in order(rep):
-            if tool == "ours":
-                m = bu.run_driver(sys.executable, "ours_driver.py", ["dataloader", "--bundle", bundle, "--workers",
-                                                                       args.workers, *common, *lf],
-                                  work, f"ours_dataloader_{rep}", env=ours_env, cwd=bu.REPO)
-            else:
-                m = bu.run_driver(nn_py, "nnunet_driver.py", ["dataloader", "--dataset", name, "--configuration",
-                                                              args.configuration, "--fold", args.fold, *common],
-                                  work, f"nnunet_dataloader_{rep}", env=nn_env)
+            m = drive(tool, "dataloader", common, f"dataloader_{rep}")
             if m["result"] is None:
                 failed(tool, "dataloader", m)
             else:
@@ -236,14 +239,7 @@ def main(argv: list[str] | None = None) -> int:
               "--breakdown", args.breakdown if args.device == "cpu" else 0]
     for rep in range(args.repeats):
         for tool in order(rep):
-            if tool == "ours":
-                m = bu.run_driver(sys.executable, "ours_driver.py", ["train-steps", "--bundle", bundle, "--workers",
-                                                                       args.workers, *common, *lf],
-                                  work, f"ours_train_{rep}", env=ours_env, cwd=bu.REPO)
-            else:
-                m = bu.run_driver(nn_py, "nnunet_driver.py", ["train-steps", "--dataset", name, "--configuration",
-                                                              args.configuration, "--fold", args.fold, *common],
-                                  work, f"nnunet_train_{rep}", env=nn_env)
+            m = drive(tool, "train-steps", common, f"train_{rep}")
             if m["result"] is None:
                 failed(tool, "training", m)
             else:

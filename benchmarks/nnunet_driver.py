@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from treemem import TreeMemoryMonitor, cuda_peak_mb
 
 
 def _threads():
@@ -50,14 +51,6 @@ def _trainer(cls, dataset: str, plans_name: str, configuration: str, fold, devic
                device=torch.device(device))
 
 
-def _cuda_memory(device: torch.device) -> dict:
-    """Peak GPU memory held by torch's allocator in this process (empty on CPU)."""
-    if device.type != "cuda":
-        return {}
-    return {"cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
-
-
 def _shapes(batch) -> dict:
     def shape(x):
         return [shape(v) for v in x] if isinstance(x, (list, tuple)) else list(x.shape)
@@ -72,7 +65,6 @@ def _finish(*loaders):
 
 def cmd_train_steps(args) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from treemem import TreeMemoryMonitor
 
     threads = _threads()
     memory = TreeMemoryMonitor(0.2)
@@ -127,7 +119,7 @@ def cmd_train_steps(args) -> dict:
             "step_cpu_s": step_cpu_s, "losses": losses,
             "breakdown": breakdown, "batch_shapes": shapes, "batch_size": tr.batch_size, "threads": threads,
             "n_proc_da": os.environ.get("nnUNet_n_proc_DA"), "network": type(tr.network).__name__,
-            "n_parameters": n_params, "memory_by_phase": memory.stop(), **_cuda_memory(tr.device),
+            "n_parameters": n_params, "memory_by_phase": memory.stop(), **cuda_peak_mb(tr.device),
             "split_file": str(_preprocessed(args.dataset) / "splits_final.json")}
 
 
@@ -199,7 +191,7 @@ def cmd_predict(args) -> dict:
         per_case.append({"case": item["case"], "seconds": time.perf_counter() - a})
     return {"setup_s": setup_s, "per_case": per_case, "tta": bool(args.tta), "threads": threads,
             "mirror_axes": list(predictor.allowed_mirroring_axes or []),
-            "outputs": sorted(p.name for p in out.glob("*.nii.gz")), **_cuda_memory(torch.device(args.device))}
+            "outputs": sorted(p.name for p in out.glob("*.nii.gz")), **cuda_peak_mb(torch.device(args.device))}
 
 
 def cmd_train(args) -> dict:

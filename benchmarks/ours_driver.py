@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from treemem import TreeMemoryMonitor, cuda_peak_mb
 
 
 def _threads():
@@ -147,16 +148,7 @@ def _shapes(batch) -> dict:
     return {k: list(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def _cuda_memory(device: torch.device) -> dict:
-    """Peak GPU memory held by torch's allocator in this process (empty on CPU)."""
-    if device.type != "cuda":
-        return {}
-    return {"cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}
-
-
 def cmd_train_steps(args) -> dict:
-    from treemem import TreeMemoryMonitor
 
     bundle = _enter_bundle(args.bundle)
     threads = _threads()
@@ -218,7 +210,7 @@ def cmd_train_steps(args) -> dict:
             "batch_size": parser.get_parsed_content("batch_size"), "threads": threads, "workers": args.workers,
             "label_float": args.label_float, "network": type(network).__name__,
             "n_parameters": sum(p.numel() for p in network.parameters()),
-            "decollate": decollate, "memory_by_phase": memory.stop(), **_cuda_memory(device)}
+            "decollate": decollate, "memory_by_phase": memory.stop(), **cuda_peak_mb(device)}
 
 
 def cmd_dataloader(args) -> dict:
@@ -299,7 +291,7 @@ def cmd_predict(args) -> dict:
     inferer = workflow.parser.get_parsed_content("inferer")
     return {"setup_s": setup_s, "per_case": per_case, "tta": bool(args.tta), "threads": threads,
             "mirror_axes": list(getattr(inferer, "mirror_axes", ())),
-            "outputs": sorted(p.name for p in out.glob("*.nii.gz")), **_cuda_memory(torch.device(args.device))}
+            "outputs": sorted(p.name for p in out.glob("*.nii.gz")), **cuda_peak_mb(torch.device(args.device))}
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@
   sizes (RSS) and the proportional set sizes (PSS, shared pages split between processes, from
   /proc/PID/smaps_rollup) of a process and all its descendants. ``benchutil.run_measured`` polls them every
   ``POLL_S`` seconds for a subprocess (all the benchmarks measure their subprocesses this way).
+* ``cuda_peak_mb``: the peak GPU memory of torch's allocator in this process (torch imported only when asked).
 * ``TreeMemoryMonitor``: the peak of those sums for the current process's tree, per phase, from a background thread.
   The drivers mark phases (``monitor.phase("timed")``); the peak summed PSS/RSS of the process tree is kept per phase.
   This separates the memory of the timed training iterations from set-up and from the extra per-part iterations,
@@ -110,3 +111,13 @@ class TreeMemoryMonitor:
         self._stop.set()
         self._thread.join(timeout=5)
         return {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in self.peaks.items()}
+
+
+def cuda_peak_mb(device) -> dict:
+    """Peak GPU memory (MB) held by torch's allocator in this process on ``device``; empty for a CPU device."""
+    if getattr(device, "type", None) != "cuda":
+        return {}
+    import torch
+
+    return {"cuda_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "cuda_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20}

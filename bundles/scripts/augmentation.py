@@ -177,18 +177,20 @@ class CascadeMorphologyd(Randomizable, MapTransform):
             image = torch.as_tensor(d[key])
             first = image.shape[0] - self.num_channels
             masks = [image[c].as_subclass(torch.Tensor).numpy() > 0.5 for c in range(first, image.shape[0])]
-            before = [m.copy() for m in masks]
+            touched = False
             if self.R.uniform() < self.p_binary:
                 for i in self.R.permutation(len(masks)):
                     if self.R.uniform() < self.p_per_label and masks[i].any():
                         new = self.operate(masks[i], self.OPERATIONS[self.R.randint(4)], self.R.uniform(*self.strel_size))
                         added = new & ~masks[i]
                         masks = [m & ~added if j != i else new for j, m in enumerate(masks)]
+                        touched = True
             if self.R.uniform() < self.p_remove:
                 for i in range(len(masks)):
                     if self.R.uniform() < self.p_per_label:
                         masks[i] = self.remove_component(masks[i])
-            if any((m != b).any() for m, b in zip(masks, before)):
+                        touched = True
+            if touched:
                 image = image.clone()
                 image[first:] = torch.from_numpy(np.stack(masks)).to(image.dtype)
                 d[key] = image
