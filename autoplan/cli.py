@@ -178,7 +178,7 @@ def demo(out="demo_out", processes: int = 2, epochs: int = 2, iterations: int = 
 
     Args:
         out: output folder (raw data under out/raw, everything else under out/work).
-        processes: worker processes.
+        processes: worker processes (planning, and data loading in the training).
         epochs: training epochs of the demo (nnU-Net's default is 1000).
         iterations: iterations per epoch (nnU-Net's default is 250).
     """

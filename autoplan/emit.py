@@ -179,8 +179,10 @@ Training resumes from `models/checkpoint_latest.pt` when interrupted. Outputs: `
 used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
 the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
 `../preprocessed/` (shared by the folds; override `--cache_dir`). `--num_workers N` sets the data-loading processes
-(validation uses half). On a GPU, cuDNN picks its fastest kernels as nnU-Net does; `--deterministic True` makes GPU
-runs repeatable at some cost in speed.
+(default nnU-Net's 12, capped at the cores available; validation uses half). On a GPU, cuDNN picks its fastest
+kernels and batches are taken in the order the workers finish them, as in nnU-Net; `--deterministic True` makes GPU
+runs repeatable at some cost in speed. `--compile True` runs the network through `torch.compile` (nnU-Net's default
+on CUDA; off here because it did not speed up a small dataset).
 
 ## Infer
 

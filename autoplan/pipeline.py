@@ -88,7 +88,8 @@ def demo(out="demo_out", processes: int = 2, epochs: int = 2, iterations: int = 
     plans = json.loads(plans_path.read_text())
     bundle = work / "bundles" / f"{plans['dataset_name']}_3d_fullres_fold0"
     _bundle(["run", "training", "--config_file", "configs/train.json", "--epochs", str(epochs),
-             "--iterations_per_epoch", str(iterations), "--val_iterations", "2"], bundle)
+             "--iterations_per_epoch", str(iterations), "--val_iterations", "2", "--num_workers", str(processes)],
+            bundle)
     predictions = bundle / "eval" / "test_predictions"
     _bundle(["run", "--config_file", "configs/inference.json", "--dataset_dir", str((raw / "imagesTs").resolve()),
              "--output_dir", str(predictions.resolve())], bundle)

@@ -19,6 +19,9 @@ about accuracy (they are dominated by chance): a meaningful comparison needs a G
 
     python benchmarks/accuracy_run.py --device cuda --epochs 100 --iterations 250 --val-iterations 50 --workers 12
 
+(``--compile`` compiles the network in both, nnU-Net's default on CUDA, the bundle's ``--compile True``; without it
+both run eagerly.)
+
 (on a GPU machine the nnU-Net venv of ``nnunet_venv.py`` needs a CUDA build of torch; ``--venv`` points at one).
 
 Quick check that the machinery works (CPU, a few minutes)::
@@ -76,6 +79,7 @@ def train_nnunet(args, work: Path, raw: Path, name: str, ds_id: int, plans_file,
     shutil.copyfile(splits_file, pre / "splits_final.json")
     env = bu.nnunet_env(nn_root, threads, args.workers)
     env["nnUNet_def_n_proc"] = str(args.workers)  # final validation's export pool
+    env["nnUNet_compile"] = "t" if args.compile else "f"
     cmd = [venv_bin(venv_dir, "nnUNetv2_preprocess"), "-d", ds_id, "-plans_name", Path(plans_file).stem,
            "-c", args.configuration, "-np", args.workers, "--no_pbar"]
     m_pre = bu.run_measured(cmd, env=env, log=work / "nnunet_preprocess.log")
@@ -120,7 +124,8 @@ def train_ours(args, work: Path, raw: Path, plans_file, splits_file: Path, threa
     device = "$torch.device('cuda:0')" if args.device == "cuda" else "$torch.device('cpu')"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
            "--epochs", args.epochs, "--iterations_per_epoch", args.iterations, "--val_iterations",
-           args.val_iterations, "--num_workers", args.workers, "--device", device, *overrides]
+           args.val_iterations, "--num_workers", args.workers, "--device", device, "--compile", str(args.compile),
+           *overrides]
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(threads)
     m = bu.run_measured(cmd, env=env, cwd=bundle, log=work / "ours_train.log")
@@ -156,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="data-loading workers for both (default 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on CPU (default: all cores)")
     ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the network in both (nnU-Net's default on CUDA; the bundle's is off; both run "
+                         "eagerly when not given)")
     ap.add_argument("--parallel", action="store_true",
                     help="train both systems at the same time (a GPU machine with cores to spare: halves the wall "
                          "time; epoch times are then not a speed comparison)")
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads if args.device == "cpu" else 1
     result = {"dataset": str(raw), "configuration": args.configuration, "fold": args.fold, "device": args.device,
               "epochs": args.epochs, "iterations_per_epoch": args.iterations, "val_iterations": args.val_iterations,
-              "val_cases_limit": args.val_cases, "workers": args.workers, "threads": threads,
+              "val_cases_limit": args.val_cases, "workers": args.workers, "threads": threads, "compile": args.compile,
               "nnunet_version": NNUNET_VERSION, "loadavg_start": bu.loadavg(), "memory_method": bu.MEMORY_METHOD}
     print(f"dataset {raw}\nwork folder {work}\nbudget {args.epochs} epochs x {args.iterations} iterations "
           f"({args.val_iterations} validation iterations per epoch), device {args.device}", flush=True)

@@ -85,11 +85,11 @@ def wait_for_quiet(max_wait_s: float = 0.0, threshold: float = 0.25, window_s: f
 
 def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None,
                  log: Path | None = None, timeout: float | None = None) -> dict:
-    """Run cmd; wall time, exit code, peak summed RSS/PSS of its process tree, CPU use of the tree and of the rest."""
+    """Run cmd; start time (to line up with the command's log), wall time, exit code, peak summed RSS/PSS of its process tree, CPU use of the tree and of the rest."""
     out = open(log, "wb") if log else subprocess.DEVNULL
     self0 = _self_cpu()
     busy0, _ = _system_cpu()
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     p = subprocess.Popen([str(c) for c in cmd], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     peak_rss = peak_pss = max_procs = 0
     status = rusage = None
@@ -118,7 +118,8 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike
     tree_cpu = rusage.ru_utime + rusage.ru_stime  # the child and every descendant it waited for
     cores = os.cpu_count() or 1
     foreign = max(0.0, (busy1 - busy0) - tree_cpu - monitor_cpu)
-    return {"wall_s": wall, "returncode": -9 if timed_out else p.returncode, "timed_out": timed_out,
+    return {"wall_s": wall, "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started_at)),
+            "returncode": -9 if timed_out else p.returncode, "timed_out": timed_out,
             "peak_rss_mb": peak_rss / 2 ** 20, "peak_pss_mb": peak_pss / 2 ** 20, "max_processes": max_procs,
             "tree_cpu_s": tree_cpu, "monitor_cpu_s": monitor_cpu,
             "foreign_cpu_fraction": foreign / (wall * cores) if wall > 0 else 0.0}

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+STARTED = time.time()  # before the heavy imports: with the runner's wall time this shows start-up and exit costs
+
 import numpy as np
 import torch
 from treemem import TreeMemoryMonitor, cuda_peak_mb
@@ -271,7 +273,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     fn = {"train-steps": cmd_train_steps, "dataloader": cmd_dataloader, "make-checkpoint": cmd_make_checkpoint,
           "predict": cmd_predict, "train": cmd_train}[args.command]
+    command_started = time.time()
     result = fn(args)
+    result["imports_s"], result["command_s"] = command_started - STARTED, time.time() - command_started
     result["torch_version"] = torch.__version__
     tmp = args.result.with_name(f".{args.result.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1))

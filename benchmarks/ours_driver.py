@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+STARTED = time.time()  # before the heavy imports: with the runner's wall time this shows start-up and exit costs
+
 import numpy as np
 import torch
 from treemem import TreeMemoryMonitor, cuda_peak_mb
@@ -156,7 +158,7 @@ def cmd_train_steps(args) -> dict:
     memory.phase("setup")
     n = args.warmup + args.iterations
     overrides = {"iterations_per_epoch": n, "epochs": 1, "num_workers": args.workers, "train#handlers": [],
-                 "device": f"$torch.device('{args.device}')"}
+                 "device": f"$torch.device('{args.device}')", "compile": False}  # nnU-Net's side runs eagerly too
     parser = _train_parser(bundle, overrides, args.label_float)
     t0 = time.perf_counter()
     parser.get_parsed_content("initialize")  # determinism + the gradient-clipping hook, as the bundle's run does
@@ -333,7 +335,9 @@ def main(argv=None) -> int:
     args.result = args.result.resolve()
     fn = {"preprocess": cmd_preprocess, "probe-label-dtype": cmd_probe_label_dtype, "train-steps": cmd_train_steps,
           "dataloader": cmd_dataloader, "make-checkpoint": cmd_make_checkpoint, "predict": cmd_predict}[args.command]
+    command_started = time.time()
     result = fn(args)
+    result["imports_s"], result["command_s"] = command_started - STARTED, time.time() - command_started
     result["torch_version"] = torch.__version__
     tmp = args.result.with_name(f".{args.result.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1, default=str))

@@ -195,12 +195,70 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
                 assert torch.backends.cudnn.deterministic is deterministic
             train, val = (parser.get_parsed_content(f"{k}#dataloader") for k in ("train", "validate"))
             assert (train.num_workers, val.num_workers) == (2, 1) and train.persistent_workers and val.persistent_workers
+            # batches in the order the workers finish them unless deterministic (nnU-Net's NonDet augmenter)
+            assert train.in_order is True and val.in_order is True
+            parser["deterministic"] = False
+            parser.parse()
+            assert parser.get_parsed_content("train#dataloader").in_order is False
             assert parser.get_parsed_content("train#trainer").non_blocking  # overlaps host-to-GPU copies (pinned)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
     bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
                "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "2")
     assert json.loads((bundle / "eval/progress.json").read_text())["epoch"] == [1, 2]
+
+
+def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path):
+    """The same worker processes serve every epoch, and none is left once training completes (before the final
+    validation), as nnU-Net's augmenters are ended in on_train_end."""
+    import multiprocessing
+
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    bundle = shutil.copytree(emitted[2]["3d_fullres"], tmp_path / "bundle")
+    shutil.rmtree(bundle / "models", ignore_errors=True)  # a fresh training, not a resumed one
+    with bundle_on_path(bundle):
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs/train.json"))
+        for key, value in {"bundle_root": str(bundle), "num_workers": 2, "epochs": 2, "iterations_per_epoch": 2,
+                           "val_iterations": 1}.items():
+            parser[key] = value
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        seen = []
+        trainer.add_event_handler(Events.EPOCH_COMPLETED,
+                                  lambda e: seen.append(sorted(p.pid for p in multiprocessing.active_children())))
+        trainer.run()
+    assert len(seen) == 2 and len(seen[0]) == 3 and seen[0] == seen[1]  # 2 training + 1 validation worker
+    assert multiprocessing.active_children() == []
+    assert (bundle / "models/model.pt").is_file()
+
+
+def test_engine_defaults_twelve_workers_and_compile_on_request(emitted):
+    """nnU-Net's 12 data-augmentation workers, capped at the usable cores. ``torch.compile`` is off by default (it
+    did not speed up Hippocampus on an H100, see the README); ``--compile True`` hands the network to both engines
+    compiled, and the state dict stays the plain module's."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle = emitted[2]["3d_fullres"]
+    with bundle_on_path(bundle):
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs/train.json"))
+        parser["bundle_root"] = str(bundle)
+        assert parser.get_parsed_content("num_workers") == min(12, len(os.sched_getaffinity(0)))
+        assert parser.get_parsed_content("compile") is False
+        plain = parser.get_parsed_content("train#trainer").network
+        assert not isinstance(plain, torch._dynamo.eval_frame.OptimizedModule)
+        parser["compile"] = True
+        parser.parse()
+        trainer, evaluator = (parser.get_parsed_content(k) for k in ("train#trainer", "validate#evaluator"))
+        for engine in (trainer, evaluator):
+            assert isinstance(engine.network, torch._dynamo.eval_frame.OptimizedModule)
+            assert engine.network._orig_mod is parser.get_parsed_content("network")
+        assert list(parser.get_parsed_content("network").state_dict()) == list(plain.state_dict())
+
 
 def assert_same_geometry(prediction: Path, image: Path):
     a, b = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(image))

@@ -30,6 +30,12 @@ PROBE_SECONDS = 1.0  # cases are timed in-process (at least 3) for this long bef
 LOCATION_SEED = 1234
 
 
+def default_workers() -> int:
+    """nnU-Net's number of data-augmentation workers: 12, capped at the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(12, cores)
+
+
 # --- finding cases ---------------------------------------------------------------------------------------------
 def list_cases(images_dir, file_ending: str, num_channels: int, labels_dir=None, cases=None) -> list[dict]:
     """``[{"case", "image": [channel files], "label"?}]`` for ``CASE_XXXX<ending>`` files, sorted by case.

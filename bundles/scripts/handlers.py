@@ -2,7 +2,7 @@
 
 One handler so that resuming restores everything consistently: weights, optimizer, LR schedule, AMP scaler, epoch,
 the pseudo-Dice EMA, the best EMA so far and the loss history. Every file is written atomically, so an interrupted
-run resumes from the last completed epoch.
+run resumes from the last completed epoch. ``ReleaseDataWorkers`` ends the persistent loader workers with training.
 """
 
 from __future__ import annotations
@@ -141,6 +141,25 @@ class TrainingProgress:
         tmp = self.output_dir / f".progress.{os.getpid()}.json"
         tmp.write_text(json.dumps(h, indent=1))
         os.replace(tmp, self.output_dir / "progress.json")
+
+
+class ReleaseDataWorkers:
+    """Ends the data loaders' persistent worker processes when training completes, as nnU-Net ends its augmenters
+    in ``on_train_end``: the final validation then runs without a dozen idle workers holding memory, and the
+    process does not leave them to interpreter shutdown."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for loader in self.loaders:
+            workers = getattr(loader, "_iterator", None)  # DataLoader keeps it while persistent_workers is on
+            if workers is not None and hasattr(workers, "_shutdown_workers"):
+                workers._shutdown_workers()
+            loader._iterator = None
 
 
 def clip_gradients_hook(network: torch.nn.Module, max_norm: float = 12.0):
