@@ -46,10 +46,6 @@ def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fo
     labels = parse_labels(spec["labels"], spec.get("regions_class_order"))
     patch = [int(p) for p in config["patch_size"]]
     augmentation = augmentation_settings(patch)
-    n_stages = config["architecture"]["arch_kwargs"]["n_stages"]
-    if n_stages < 3 and config["architecture"]["network_class_name"].endswith("PlainConvUNet"):
-        raise ValueError(f"{configuration}: the plan has {n_stages} stages (the images are tiny) and MONAI's DynUNet "
-                         "needs at least 3; plan with --planner resenc-m, whose network supports 2 stages")
     num_channels = len(spec.get("channel_names", spec.get("modality", {})))
     previous = config.get("previous_stage")
     return {
@@ -69,7 +65,7 @@ def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fo
         "initial_patch_size": initial_patch_size(patch, augmentation["rotation"], augmentation["dummy_2d"]),
         "batch_size": int(config["batch_size"]),
         "batch_dice": bool(config["batch_dice"]),
-        "ds_outputs": n_stages - 1,
+        "ds_outputs": config["architecture"]["arch_kwargs"]["n_stages"] - 1,
         # cascade: the previous stage's cross-validation predictions, from its sibling fold bundles
         "previous_stage_dirs": None if not previous else (
             f"$[os.path.join(@bundle_root, '..', '{plans['dataset_name']}_{previous}_fold' + str(k), 'eval', "

@@ -16,9 +16,9 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import DynUNet
 from torch import nn
 
-from bundles.scripts.networks import (BasicBlockD, MirrorTTA, ResidualEncoderUNet, dynunet_from_plan,
-                                      network_from_plan, split_deep_supervision)
-from conftest import HIPPOCAMPUS_PLANS
+from bundles.scripts.networks import (BasicBlockD, MirrorTTA, PlainConvUNet, ResidualEncoderUNet, dynunet_from_plan,
+                                      dynunet_is_exact, network_from_plan, nnunet_state_dict, split_deep_supervision)
+from conftest import HIPPOCAMPUS_PLANS, ROOT
 
 # torch 2.13 deprecates TorchScript, which bundles still need; torch's own shape checks warn while tracing
 pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
@@ -268,6 +268,53 @@ def test_dynunet_from_plan_rejects_what_it_cannot_express():
         dynunet_from_plan({**arch, "dropout_op": "torch.nn.Dropout3d"}, 1, 2)
     with pytest.raises(ValueError, match="unsupported network_class_name"):
         network_from_plan({"architecture": {"network_class_name": "x.ResidualUNet", "arch_kwargs": arch}}, 1, 2)
+
+
+PLAIN_FIXTURE = ROOT / "tests" / "fixtures" / "nnunet_plain_unets.pt"
+
+
+@pytest.mark.parametrize("case", ["anisotropic_3d", "uneven_convs_2d"])
+def test_plain_unet_reproduces_nnunets_own_network(case):
+    """nnU-Net 2.8.1 built these PlainConvUNets from plans (benchmarks/make_network_fixture.py); the plan builds ours,
+    nnU-Net's weights load strictly, and every output matches. DynUNet cannot express either plan."""
+    fixture = torch.load(PLAIN_FIXTURE, weights_only=False)[case]
+    plan = {"architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                             "arch_kwargs": fixture["arch_kwargs"]}}
+    assert not dynunet_is_exact(fixture["arch_kwargs"])
+    net = network_from_plan(plan, fixture["in_channels"], fixture["out_channels"])
+    assert isinstance(net, PlainConvUNet)
+    net.load_state_dict(nnunet_state_dict(fixture["state_dict"]), strict=True)
+    with torch.no_grad():
+        outs = net.train()(fixture["input"])
+        assert len(outs) == len(fixture["train_outputs"])
+        for ours, theirs in zip(outs, fixture["train_outputs"]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net.eval()(fixture["input"]), fixture["eval_output"], rtol=1e-5, atol=1e-5)
+
+
+def test_plain_unet_init_and_scripting():
+    torch.manual_seed(0)
+    net = PlainConvUNet(3, 1, 2, [4, 8, 16], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], 2, 2)
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
+    assert all(m.bias is not None and not m.bias.any() for m in convs)  # nnU-Net: conv_bias, He init, zero biases
+    assert tuple(net.decoder.stages[1].convs[0].conv.kernel_size) == (1, 3, 3)  # the skip stage's kernel
+    x = torch.randn(1, 1, 4, 8, 8)
+    scripted = torch.jit.script(net.eval())
+    torch.testing.assert_close(scripted(x), net(x))
+
+
+def test_dynunet_only_where_it_is_exact():
+    iso = {"kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3, "features_per_stage": [4, 8, 16, 16],
+           "n_conv_per_stage": [2] * 4, "n_conv_per_stage_decoder": [2] * 3, "conv_bias": True}
+    plan = lambda kw: {"network_class_name": "PlainConvUNet", "arch_kwargs": kw}  # noqa: E731
+    assert dynunet_is_exact(iso) and isinstance(network_from_plan(plan(iso), 1, 2), DynUNet)
+    for change in ({"kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 3}, {"n_conv_per_stage": [2, 2, 3, 2]},
+                   {"n_conv_per_stage_decoder": [1, 1, 1]}):
+        assert not dynunet_is_exact({**iso, **change})
+        assert isinstance(network_from_plan(plan({**iso, **change}), 1, 2), PlainConvUNet)
+    two_stages = {**iso, "kernel_sizes": [[3, 3, 3]] * 2, "strides": [[1, 1, 1], [2, 2, 2]],
+                  "features_per_stage": [4, 8], "n_conv_per_stage": [2, 2], "n_conv_per_stage_decoder": [2]}
+    assert isinstance(network_from_plan(plan(two_stages), 1, 2), PlainConvUNet)
 
 
 @requires_plans

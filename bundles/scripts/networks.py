@@ -1,15 +1,18 @@
-"""Networks for the bundles: nnU-Net's residual-encoder U-Net, DynUNet from a plan, and mirror test-time augmentation.
+"""Networks for the bundles: nnU-Net's U-Nets from a plan, and mirror test-time augmentation.
 
-MONAI has no ResEnc U-Net (DynUNet's ``res_block`` puts one residual block per stage in encoder *and* decoder), so it
-is written here (plain torch; same outputs and parameters as dynamic_network_architectures' version, and its
-checkpoints load). The default nnU-Net topology (PlainConvUNet) is expressed with MONAI's ``DynUNet``. The modules
-here must stay ``torch.jit.trace``-able in eval mode (``ckpt_export --use_trace`` makes ``model.ts``); the ResEnc
-network and ``MirrorTTA`` also script, which DynUNet with deep supervision does not.
+The default nnU-Net topology (PlainConvUNet) is MONAI's ``DynUNet`` where that computes the same thing, i.e. when
+every stage has one kernel size and two convs (``dynunet_is_exact``). Anisotropic plans (1x3x3 kernels next to
+3x3x3) and other conv counts get ``PlainConvUNet`` written here, since DynUNet's decoder picks other kernels. MONAI
+has no ResEnc U-Net (DynUNet's ``res_block`` puts one residual block per stage in encoder *and* decoder), so it is
+written here too. Both are plain torch with the same outputs and parameters as dynamic_network_architectures', and
+nnU-Net's checkpoints load into them (``nnunet_state_dict``). The modules here must stay ``torch.jit.trace``-able in
+eval mode (``ckpt_export --use_trace`` makes ``model.ts``); our U-Nets and ``MirrorTTA`` also script, which DynUNet
+with deep supervision does not.
 
-In training mode with deep supervision both networks return a list of logits, one per decoder stage at that stage's
+In training mode with deep supervision every network returns a list of logits, one per decoder stage at that stage's
 own resolution, highest first (nnU-Net's outputs; MONAI's own ``DynUNet`` would upsample every head to full
 resolution and stack them, which costs memory and a full-resolution loss per head). A loss that resizes the target to
-each output's shape (MONAI's ``DeepSupervisionLoss``, nearest-exact as nnU-Net) takes the list; in eval mode both
+each output's shape (MONAI's ``DeepSupervisionLoss``, nearest-exact as nnU-Net) takes the list; in eval mode they
 return one ``(B, C, *spatial)`` tensor. ``split_deep_supervision`` also accepts MONAI's stacked form.
 """
 
@@ -133,6 +136,26 @@ class ResidualEncoder(nn.Module):
         return skips
 
 
+class PlainConvEncoder(nn.Module):
+    """nnU-Net's plain encoder: per stage ``n_conv_per_stage[s]`` conv units, the first one strided; returns every
+    stage's output. Each stage is wrapped in a Sequential, so state-dict keys match nnU-Net's (``stages.S.0.convs``)."""
+
+    def __init__(self, spatial_dims, in_channels, features_per_stage, kernel_sizes, strides, n_conv_per_stage):
+        super().__init__()
+        widths = [in_channels] + list(features_per_stage)
+        self.stages = nn.ModuleList([
+            nn.Sequential(ConvStack(n_conv_per_stage[s], spatial_dims, widths[s], widths[s + 1], kernel_sizes[s],
+                                    strides[s]))
+            for s in range(len(features_per_stage))])
+
+    def forward(self, x) -> List[torch.Tensor]:
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
 class UNetDecoder(nn.Module):
     """Plain decoder: transposed conv (kernel = stride), concat with the skip, conv units, 1x1 head per stage.
 
@@ -168,23 +191,69 @@ class UNetDecoder(nn.Module):
         return outputs[::-1]
 
 
-class ResidualEncoderUNet(nn.Module):
-    """nnU-Net's ResidualEncoderUNet (ResEnc M/L/XL presets) with BasicBlockD encoder and plain decoder.
+def _per_stage(value, n: int, name: str) -> List[int]:
+    values = [value] * n if isinstance(value, int) else [int(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{name} needs {n} entries, got {value}")
+    return values
 
-    ``kernel_sizes``/``strides`` have one entry per stage (ints or per-axis lists; ``strides[0]`` is usually 1);
-    ``n_conv_per_stage_decoder`` has ``n_stages - 1`` entries, deepest decoder stage first, as in nnU-Net plans.
-    Training mode with ``deep_supervision`` returns a list of ``n_stages - 1`` logits tensors at their own resolutions,
-    highest first; otherwise one full-resolution tensor. Input sizes must be divisible by the product of strides.
+
+class _EncoderDecoderUNet(nn.Module):
+    """An encoder returning every stage's output and nnU-Net's plain decoder. Training mode with
+    ``deep_supervision`` returns a list of ``n_stages - 1`` logits at their own resolutions, highest first; otherwise
+    one full-resolution tensor. Input sizes must be divisible by the product of strides.
 
     Module names follow dynamic_network_architectures, so an nnU-Net checkpoint's state dict loads after dropping its
     duplicate keys (those containing ``.all_modules.`` or starting with ``decoder.encoder.``); see
     ``nnunet_state_dict``.
     """
 
+    def __init__(self, spatial_dims: int, deep_supervision: bool, encoder: nn.Module, decoder: UNetDecoder):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.deep_supervision = deep_supervision
+        self.encoder = encoder
+        self.decoder = decoder
+        self.apply(_init_he)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        ds = self.training and self.deep_supervision  # module state, not data: fixed when traced in eval mode
+        outputs = self.decoder(self.encoder(x), ds)
+        if ds:
+            return outputs
+        return outputs[0]
+
+
+class PlainConvUNet(_EncoderDecoderUNet):
+    """nnU-Net's default U-Net (PlainConvUNet): ``n_conv_per_stage`` conv units per encoder stage (conv with bias,
+    InstanceNorm, LeakyReLU), the plain decoder with ``n_conv_per_stage_decoder`` units (deepest first) that convolve
+    with the kernel of the stage they upsample to. Used where MONAI's DynUNet differs from it (see
+    ``dynunet_is_exact``)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, features_per_stage: Sequence[int],
+                 kernel_sizes: Sequence, strides: Sequence, n_conv_per_stage: Union[int, Sequence[int]],
+                 n_conv_per_stage_decoder: Union[int, Sequence[int]], deep_supervision: bool = True):
+        n = len(features_per_stage)
+        if n < 2 or len(kernel_sizes) != n or len(strides) != n:
+            raise ValueError("a U-Net needs at least 2 stages and one kernel size and stride per stage")
+        super().__init__(
+            spatial_dims, deep_supervision,
+            PlainConvEncoder(spatial_dims, in_channels, features_per_stage, kernel_sizes, strides,
+                             _per_stage(n_conv_per_stage, n, "n_conv_per_stage")),
+            UNetDecoder(spatial_dims, out_channels, features_per_stage, kernel_sizes, strides,
+                        _per_stage(n_conv_per_stage_decoder, n - 1, "n_conv_per_stage_decoder")))
+
+
+class ResidualEncoderUNet(_EncoderDecoderUNet):
+    """nnU-Net's ResidualEncoderUNet (ResEnc M/L/XL presets) with BasicBlockD encoder and plain decoder.
+
+    ``kernel_sizes``/``strides`` have one entry per stage (ints or per-axis lists; ``strides[0]`` is usually 1);
+    ``n_conv_per_stage_decoder`` has ``n_stages - 1`` entries, deepest decoder stage first, as in nnU-Net plans.
+    """
+
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, features_per_stage: Sequence[int],
                  kernel_sizes: Sequence, strides: Sequence, n_blocks_per_stage: Sequence[int],
                  n_conv_per_stage_decoder: Union[int, Sequence[int]], deep_supervision: bool = True):
-        super().__init__()
         n = len(features_per_stage)
         if n < 2:
             raise ValueError("a U-Net needs at least 2 stages")
@@ -195,24 +264,15 @@ class ResidualEncoderUNet(nn.Module):
         if not (len(kernel_sizes) == len(strides) == len(n_blocks_per_stage) == n == len(n_conv_per_stage_decoder) + 1):
             raise ValueError("kernel_sizes, strides, n_blocks_per_stage need one entry per stage, "
                              "n_conv_per_stage_decoder one fewer")
-        self.spatial_dims = spatial_dims
-        self.deep_supervision = deep_supervision
-        self.encoder = ResidualEncoder(spatial_dims, in_channels, features_per_stage, kernel_sizes, strides,
-                                       n_blocks_per_stage)
-        self.decoder = UNetDecoder(spatial_dims, out_channels, features_per_stage, kernel_sizes, strides,
-                                   n_conv_per_stage_decoder)
-        self.apply(_init_he)
+        super().__init__(
+            spatial_dims, deep_supervision,
+            ResidualEncoder(spatial_dims, in_channels, features_per_stage, kernel_sizes, strides, n_blocks_per_stage),
+            UNetDecoder(spatial_dims, out_channels, features_per_stage, kernel_sizes, strides,
+                        n_conv_per_stage_decoder))
         for m in self.modules():
             if isinstance(m, BasicBlockD):  # each block starts as (nearly) the identity, as in nnU-Net
                 nn.init.zeros_(m.conv2.norm.weight)
                 nn.init.zeros_(m.conv2.norm.bias)
-
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        ds = self.training and self.deep_supervision  # module state, not data: fixed when traced in eval mode
-        outputs = self.decoder(self.encoder(x), ds)
-        if ds:
-            return outputs
-        return outputs[0]
 
 
 def _init_he(module: nn.Module) -> None:
@@ -225,7 +285,7 @@ def _init_he(module: nn.Module) -> None:
 
 
 def nnunet_state_dict(state_dict: dict) -> dict:
-    """An nnU-Net ResidualEncoderUNet state dict without its duplicate aliases, loadable into ours."""
+    """An nnU-Net PlainConvUNet or ResidualEncoderUNet state dict without its duplicate aliases, loadable into ours."""
     return {k: v for k, v in state_dict.items() if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
 
 
@@ -260,14 +320,24 @@ class NativeResolutionDynUNet(DynUNet):
         return out
 
 
+def dynunet_is_exact(arch_kwargs: dict) -> bool:
+    """Whether MONAI's DynUNet computes what nnU-Net's PlainConvUNet computes for this plan: at least 3 stages of
+    exactly 2 convs each, and one kernel size for every stage (DynUNet's decoder stage at level t convolves with
+    ``kernel_sizes[t + 1]`` where nnU-Net uses ``kernel_sizes[t]``). DynUNet's missing conv biases do not count: the
+    InstanceNorm after each conv cancels a bias."""
+    kernels = [list(k) if isinstance(k, (list, tuple)) else [k] for k in arch_kwargs["kernel_sizes"]]
+    convs = [arch_kwargs.get(key, 2) for key in ("n_conv_per_stage", "n_conv_per_stage_decoder")]
+    two_each = all(int(c) == 2 for per in convs for c in ([per] if isinstance(per, int) else per))
+    return len(kernels) >= 3 and two_each and all(k == kernels[0] for k in kernels)
+
+
 def dynunet_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
     """MONAI ``DynUNet`` for an nnU-Net PlainConvUNet plan (``architecture.arch_kwargs``).
 
     Same stages, strides, widths, norm, activation and init as nnU-Net, and the same ``n_stages - 1``
-    deep-supervision outputs at their own resolutions (``NativeResolutionDynUNet``), with two differences DynUNet
-    cannot avoid: its convs have no bias (redundant before InstanceNorm; its transposed convs get one via
-    ``trans_bias``, as nnU-Net's); the decoder stage at level t convolves with ``kernel_sizes[t + 1]`` where nnU-Net
-    uses ``kernel_sizes[t]`` (only differs on anisotropic plans, e.g. 3x3x3 instead of 1x3x3).
+    deep-supervision outputs at their own resolutions (``NativeResolutionDynUNet``). Its convs have no bias
+    (cancelled by the InstanceNorm after each; its transposed convs get one via ``trans_bias``, as nnU-Net's), and its
+    decoder kernels equal nnU-Net's only when every stage has the same kernel (``dynunet_is_exact``).
     DynUNet has exactly two convs per stage and needs at least 3 stages; other plans raise ``ValueError``.
     """
     _check_arch_kwargs(arch_kwargs)
@@ -287,6 +357,17 @@ def dynunet_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, de
                    trans_bias=bool(arch_kwargs.get("conv_bias", True)))
 
 
+def plain_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
+    """``PlainConvUNet`` for an nnU-Net default-planner plan (``architecture.arch_kwargs``)."""
+    _check_arch_kwargs(arch_kwargs)
+    if not arch_kwargs.get("conv_bias", True):
+        raise ValueError("PlainConvUNet here always has conv biases (nnU-Net plans set conv_bias true)")
+    kernels = arch_kwargs["kernel_sizes"]
+    return PlainConvUNet(len(kernels[0]), in_channels, out_channels, arch_kwargs["features_per_stage"], kernels,
+                         arch_kwargs["strides"], arch_kwargs.get("n_conv_per_stage", 2),
+                         arch_kwargs.get("n_conv_per_stage_decoder", 2), deep_supervision)
+
+
 def resenc_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
     """``ResidualEncoderUNet`` for an nnU-Net ResEnc plan (``architecture.arch_kwargs``)."""
     _check_arch_kwargs(arch_kwargs)
@@ -301,15 +382,20 @@ def resenc_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, dee
 def network_from_plan(plan_configuration: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
     """The network of one (inheritance-resolved) plans configuration, by ``architecture.network_class_name``.
 
-    PlainConvUNet -> MONAI DynUNet; ResidualEncoderUNet -> ours. ``out_channels`` is the number of label keys
-    (or regions); ``in_channels`` the number of image channels (plus one-hot previous stage for a cascade).
+    PlainConvUNet -> MONAI DynUNet where it computes the same (``dynunet_is_exact``), else ours; ResidualEncoderUNet
+    -> ours. ``out_channels`` is the number of label keys (or regions); ``in_channels`` the number of image channels
+    (plus one-hot previous stage for a cascade).
     """
     arch = plan_configuration.get("architecture", plan_configuration)
     name = str(arch["network_class_name"]).rsplit(".", 1)[-1]
-    builders = {"PlainConvUNet": dynunet_from_plan, "ResidualEncoderUNet": resenc_from_plan}
-    if name not in builders:
+    kwargs = arch["arch_kwargs"]
+    if name == "PlainConvUNet":
+        builder = dynunet_from_plan if dynunet_is_exact(kwargs) else plain_from_plan
+    elif name == "ResidualEncoderUNet":
+        builder = resenc_from_plan
+    else:
         raise ValueError(f"unsupported network_class_name {arch['network_class_name']!r}")
-    return builders[name](arch["arch_kwargs"], in_channels, out_channels, deep_supervision)
+    return builder(kwargs, in_channels, out_channels, deep_supervision)
 
 
 def split_deep_supervision(output, spatial_dims: int) -> List[torch.Tensor]:
