@@ -192,6 +192,7 @@ class UNetDecoder(nn.Module):
 
 
 def _per_stage(value, n: int, name: str) -> List[int]:
+    """A per-stage setting given as one int or as ``n`` values, as a list of ``n`` ints."""
     values = [value] * n if isinstance(value, int) else [int(v) for v in value]
     if len(values) != n:
         raise ValueError(f"{name} needs {n} entries, got {value}")
