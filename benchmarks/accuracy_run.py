@@ -149,9 +149,7 @@ def train_ours(args, work: Path, raw: Path, plans_file, splits_file: Path, threa
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Same-budget training of our bundle and nnU-Net; Dice compared.")
-    ap.add_argument("--raw", type=Path, default=bu.DEFAULT_RAW, help=f"raw dataset (default {bu.DEFAULT_RAW})")
-    ap.add_argument("--configuration", default="3d_fullres")
-    ap.add_argument("--fold", type=int, default=0)
+    bu.add_runner_arguments(ap, DEFAULT_OUT, "keep the work folder (models, predictions, logs)")
     ap.add_argument("--epochs", type=int, default=4, help="epochs (default 4)")
     ap.add_argument("--iterations", type=int, default=25, help="training iterations per epoch (default 25)")
     ap.add_argument("--val-iterations", type=int, default=5,
@@ -160,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--workers", type=int, default=2, help="data-loading workers for both (default 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on CPU (default: all cores)")
-    ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the network in both (nnU-Net's default on CUDA; the bundle's is off; both run "
                          "eagerly when not given)")
@@ -170,15 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-float", choices=("auto", "on", "off"), default="auto",
                     help="append dtype=float32 to train#preprocessing's EnsureTyped when labels come out with mixed "
                          "dtypes (collation crash); auto = when a probe finds it")
-    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result JSON (default {DEFAULT_OUT})")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder (models, predictions, logs)")
     args = ap.parse_args(argv)
 
-    raw = args.raw.resolve()
-    if not (raw / "dataset.json").is_file():
-        ap.error(f"{raw} has no dataset.json")
+    raw = bu.raw_dataset(ap, args)
     tools = ["ours", "nnunet"] if args.only == "both" else [args.only]
     work = (args.work or Path(tempfile.mkdtemp(prefix="autoplan_accuracy_"))).resolve()
     work.mkdir(parents=True, exist_ok=True)

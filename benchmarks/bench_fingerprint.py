@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import DEFAULT_RAW, REPO, log_tail, make_nnunet_folders, run_measured  # noqa: E402
+from benchutil import REPO, add_runner_arguments, log_tail, make_nnunet_folders, raw_dataset, run_measured  # noqa: E402
 from nnunet_venv import NNUNET_VERSION, ensure_nnunet_venv, venv_bin  # noqa: E402
 from treemem import POLL_S  # noqa: E402
 
@@ -150,18 +150,12 @@ def _summary(runs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Time autoplan's fingerprint vs nnU-Net's nnUNetv2_extract_fingerprint "
                                              "and check that the fingerprints agree.")
-    ap.add_argument("--raw", type=Path, default=DEFAULT_RAW, help=f"raw dataset folder (default {DEFAULT_RAW})")
+    add_runner_arguments(ap, DEFAULT_OUT, "keep the temporary work folder (logs, fingerprints)", per_fold=False)
     ap.add_argument("--processes", type=int, default=2, help="worker processes for both tools (default 2)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per tool (default 1)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result JSON (default {DEFAULT_OUT})")
-    ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both", help="which tool(s) to run")
-    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary work folder (logs, fingerprints)")
     args = ap.parse_args(argv)
 
-    raw = args.raw.resolve()
-    if not (raw / "dataset.json").is_file():
-        ap.error(f"{raw} has no dataset.json")
+    raw = raw_dataset(ap, args)
     work = Path(tempfile.mkdtemp(prefix="autoplan_bench_fp_"))
     result = {"dataset": str(raw), "processes": args.processes, "repeats": args.repeats,
               "nnunet_version": NNUNET_VERSION, "memory_method": MEMORY_METHOD, "cpu_count": os.cpu_count()}

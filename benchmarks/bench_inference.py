@@ -61,9 +61,7 @@ def summarize(per_case: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Inference speed/memory of our bundle vs nnU-Net 2.8.1 (CPU).")
-    ap.add_argument("--raw", type=Path, default=bu.DEFAULT_RAW, help=f"raw dataset (default {bu.DEFAULT_RAW})")
-    ap.add_argument("--configuration", default="3d_fullres")
-    ap.add_argument("--fold", type=int, default=0)
+    bu.add_runner_arguments(ap, DEFAULT_OUT, "keep the work folder (predictions, logs)")
     ap.add_argument("--cases", type=int, default=5, help="cases of imagesTr to predict (default 5)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both (default: all cores)")
     ap.add_argument("--repeats", type=int, default=2,
@@ -73,19 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="both systems predict on this device (nnU-Net with perform_everything_on_device on CUDA, "
                          "as nnUNetv2_predict does)")
-    ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both")
-    ap.add_argument("--quiet-wait", type=float, default=60.0,
-                    help="before each measured run wait up to this many seconds for the shared machine to be less "
-                         "than 25%% busy (default 60; 0 = do not wait)")
-    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result JSON (default {DEFAULT_OUT})")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder (predictions, logs)")
+    bu.add_quiet_wait_argument(ap)
     args = ap.parse_args(argv)
 
     bu.QUIET["max_wait_s"] = args.quiet_wait
-    raw = args.raw.resolve()
-    if not (raw / "dataset.json").is_file():
-        ap.error(f"{raw} has no dataset.json")
+    raw = bu.raw_dataset(ap, args)
     spec = json.loads((raw / "dataset.json").read_text())
     tools = ["ours", "nnunet"] if args.only == "both" else [args.only]
     ttas = {"both": [1, 0], "on": [1], "off": [0]}[args.tta]

@@ -75,9 +75,7 @@ def summarize_train(r: dict, warmup: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Training speed/memory of our bundle vs nnU-Net 2.8.1 (same plan).")
-    ap.add_argument("--raw", type=Path, default=bu.DEFAULT_RAW, help=f"raw dataset (default {bu.DEFAULT_RAW})")
-    ap.add_argument("--configuration", default="3d_fullres")
-    ap.add_argument("--fold", type=int, default=0)
+    bu.add_runner_arguments(ap, DEFAULT_OUT, "keep the work folder")
     ap.add_argument("--iterations", type=int, default=10, help="timed training iterations (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="training iterations discarded first (default 2)")
     ap.add_argument("--breakdown", type=int, default=3, help="extra iterations split into parts (default 3)")
@@ -88,24 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both (default: all cores)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs of every phase per system, in alternating order; the least disturbed is reported")
-    ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="device of the timed training iterations, both systems (AMP on CUDA in both, as in their "
                          "training); the per-part breakdown is CPU only")
     ap.add_argument("--skip-plan-check", action="store_true", help="do not run our planner for the plan comparison")
     ap.add_argument("--label-float", choices=("auto", "on", "off"), default="auto")
-    ap.add_argument("--quiet-wait", type=float, default=60.0,
-                    help="before each measured run wait up to this many seconds for the shared machine to be less "
-                         "than 25%% busy (default 60; 0 = do not wait)")
-    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result JSON (default {DEFAULT_OUT})")
-    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    bu.add_quiet_wait_argument(ap)
     args = ap.parse_args(argv)
 
     bu.QUIET["max_wait_s"] = args.quiet_wait
-    raw = args.raw.resolve()
-    if not (raw / "dataset.json").is_file():
-        ap.error(f"{raw} has no dataset.json")
+    raw = bu.raw_dataset(ap, args)
     tools = ["ours", "nnunet"] if args.only == "both" else [args.only]
     work = Path(tempfile.mkdtemp(prefix="autoplan_bench_train_"))
     name, ds_id = bu.dataset_folder_name(raw)
@@ -216,40 +206,43 @@ def main(argv: list[str] | None = None) -> int:
                                                          args.configuration, "--fold", args.fold, *common],
                              work, f"nnunet_{log_name}", env=nn_env)
 
+    def measured_runs(command, common, phase, log_name, on_result):
+        """``args.repeats`` runs of one driver subcommand per system, alternating which goes first."""
+        runs = {t: [] for t in tools}
+        for rep in range(args.repeats):
+            for tool in order(rep):
+                m = drive(tool, command, common, f"{log_name}_{rep}")
+                if m["result"] is None:
+                    failed(tool, phase, m)
+                else:
+                    on_result(tool, m)
+                runs[tool].append(m)
+        return runs
+
     # ---- 2. data loader alone --------------------------------------------------------------------------------------
-    loaders = {t: [] for t in tools}
-    common = ["--warmup", args.loader_warmup, "--batches", args.loader_batches]
-    for rep in range(args.repeats):
-        for tool in order(rep):
-            m = drive(tool, "dataloader", common, f"dataloader_{rep}")
-            if m["result"] is None:
-                failed(tool, "dataloader", m)
-            else:
-                m["batches_per_s"] = m["result"]["batches_per_s"]
-                print(f"{tool} dataloader: {m['batches_per_s']:.2f} batches/s, peak PSS {m['peak_pss_mb']:.0f} MB "
-                      f"(foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
-            loaders[tool].append(m)
+    def loader_done(tool, m):
+        m["batches_per_s"] = m["result"]["batches_per_s"]
+        print(f"{tool} dataloader: {m['batches_per_s']:.2f} batches/s, peak PSS {m['peak_pss_mb']:.0f} MB "
+              f"(foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
+
+    loaders = measured_runs("dataloader", ["--warmup", args.loader_warmup, "--batches", args.loader_batches],
+                            "dataloader", "dataloader", loader_done)
     result["dataloader"] = {t: {"runs": runs, **bu.best_of(runs, "batches_per_s", higher=True)}
                             for t, runs in loaders.items()}
 
     # ---- 3. training iterations ------------------------------------------------------------------------------------
-    trains = {t: [] for t in tools}
+    def train_done(tool, m):
+        m["summary"] = summarize_train(m["result"], args.warmup)
+        m["iteration_median_s"] = m["summary"]["iteration_s"]["median"]
+        s = m["summary"]["iteration_s"]
+        print(f"{tool} training: {s['median']:.2f} s/iteration (median of {s['n']}), step CPU "
+              f"{m['summary']['step_cpu_s'].get('median', float('nan')):.2f} s, peak PSS "
+              f"{m['peak_pss_mb']:.0f} MB (foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
+
     # the breakdown times unsynchronised parts of a step without AMP: meaningful on a CPU only
-    common = ["--iterations", args.iterations, "--warmup", args.warmup, "--device", args.device,
-              "--breakdown", args.breakdown if args.device == "cpu" else 0]
-    for rep in range(args.repeats):
-        for tool in order(rep):
-            m = drive(tool, "train-steps", common, f"train_{rep}")
-            if m["result"] is None:
-                failed(tool, "training", m)
-            else:
-                m["summary"] = summarize_train(m["result"], args.warmup)
-                m["iteration_median_s"] = m["summary"]["iteration_s"]["median"]
-                s = m["summary"]["iteration_s"]
-                print(f"{tool} training: {s['median']:.2f} s/iteration (median of {s['n']}), step CPU "
-                      f"{m['summary']['step_cpu_s'].get('median', float('nan')):.2f} s, peak PSS "
-                      f"{m['peak_pss_mb']:.0f} MB (foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
-            trains[tool].append(m)
+    trains = measured_runs("train-steps", ["--iterations", args.iterations, "--warmup", args.warmup, "--device",
+                                           args.device, "--breakdown", args.breakdown if args.device == "cpu" else 0],
+                           "training", "train", train_done)
     result["training"] = {t: {"runs": runs, **bu.best_of(runs, "iteration_median_s")} for t, runs in trains.items()}
     for t, v in result["training"].items():
         # per-part times: the fastest over every repeat's breakdown iterations (bursts of foreign load only add)

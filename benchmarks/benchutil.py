@@ -11,8 +11,9 @@
   random sampling and are compared with the fingerprint benchmark's tolerance).
 * ``emit_bundle``: one bundle (configuration, fold) through ``autoplan.emit.emit``.
 
-Nothing here imports torch, monai or nnU-Net: the drivers (``ours_driver.py`` in this interpreter,
-``nnunet_driver.py`` in nnU-Net's venv) do the work in their own processes.
+Nothing here imports torch, monai or nnU-Net at import time: the drivers (``ours_driver.py`` in this interpreter,
+``nnunet_driver.py`` in nnU-Net's venv) do the work in their own processes, and import this module too for
+``driver_threads`` and ``run_driver_command`` (which import torch when called).
 """
 
 from __future__ import annotations
@@ -39,6 +40,37 @@ REFERENCE_PLANS_ROOT = SHARED / "reference" / "nnunet_plans"
 MEMORY_METHOD = ("peak over time of the summed PSS (and RSS) of the process and all its descendants, "
                  f"/proc polled every {int(POLL_S * 1000)} ms")
 INTENSITY_KEYS = ("max", "mean", "median", "min", "percentile_00_5", "percentile_99_5", "std")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line of the ours-vs-nnU-Net runners
+
+
+def add_runner_arguments(ap, out_default: Path, keep_help: str, per_fold: bool = True) -> None:
+    """The options every runner takes: the dataset, (with ``per_fold``) the configuration and fold, which systems,
+    nnU-Net's venv, the result file and whether to keep the work folder."""
+    ap.add_argument("--raw", type=Path, default=DEFAULT_RAW, help=f"raw dataset (default {DEFAULT_RAW})")
+    if per_fold:
+        ap.add_argument("--configuration", default="3d_fullres")
+        ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--only", choices=("both", "ours", "nnunet"), default="both", help="which system(s) to run")
+    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
+    ap.add_argument("--out", type=Path, default=out_default, help=f"result JSON (default {out_default})")
+    ap.add_argument("--keep", action="store_true", help=keep_help)
+
+
+def add_quiet_wait_argument(ap) -> None:
+    ap.add_argument("--quiet-wait", type=float, default=60.0,
+                    help="before each measured run wait up to this many seconds for the shared machine to be less "
+                         "than 25%% busy (default 60; 0 = do not wait)")
+
+
+def raw_dataset(ap, args) -> Path:
+    """``--raw`` resolved; a folder without dataset.json is a usage error (exit 2, naming the folder)."""
+    raw = args.raw.resolve()
+    if not (raw / "dataset.json").is_file():
+        ap.error(f"{raw} has no dataset.json")
+    return raw
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -85,7 +117,8 @@ def wait_for_quiet(max_wait_s: float = 0.0, threshold: float = 0.25, window_s: f
 
 def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None,
                  log: Path | None = None, timeout: float | None = None) -> dict:
-    """Run cmd; start time (to line up with the command's log), wall time, exit code, peak summed RSS/PSS of its process tree, CPU use of the tree and of the rest."""
+    """Run cmd; start time (to line up with the command's log), wall time, exit code, peak summed RSS/PSS of its
+    process tree, CPU use of the tree and of the rest."""
     out = open(log, "wb") if log else subprocess.DEVNULL
     self0 = _self_cpu()
     busy0, _ = _system_cpu()
@@ -396,6 +429,36 @@ def write_result(path: Path, result: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# inside the drivers (both venvs)
+
+
+def driver_threads() -> int:
+    """torch's thread count from ``BENCH_THREADS`` (unset or 0: torch's default); torch imported only when called."""
+    import torch
+
+    n = int(os.environ.get("BENCH_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def run_driver_command(fn, args, started: float) -> int:
+    """Run a driver's subcommand and write its figures to ``args.result``, with the seconds spent importing (since
+    ``started``, taken before the heavy imports) and running it: beside the runner's wall time they show start-up
+    and exit costs."""
+    import torch
+
+    result_file = Path(args.result).resolve()  # before the subcommand, which may change the working directory
+    command_started = time.time()
+    result = fn(args)
+    result.update(imports_s=command_started - started, command_s=time.time() - command_started,
+                  torch_version=torch.__version__)
+    write_result(result_file, result)
+    sys.stdout.flush()
+    return 0
 
 
 def finish(out: Path, result: dict, work: Path, keep: bool) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -30,14 +29,8 @@ STARTED = time.time()  # before the heavy imports: with the runner's wall time t
 
 import numpy as np
 import torch
+import benchutil as bu
 from treemem import TreeMemoryMonitor, cuda_peak_mb
-
-
-def _threads():
-    n = int(os.environ.get("BENCH_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
 
 
 def _preprocessed(dataset: str) -> Path:
@@ -68,7 +61,7 @@ def _finish(*loaders):
 def cmd_train_steps(args) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    threads = _threads()
+    threads = bu.driver_threads()
     memory = TreeMemoryMonitor(0.2)
     memory.phase("setup")
     t0 = time.perf_counter()
@@ -128,7 +121,7 @@ def cmd_train_steps(args) -> dict:
 def cmd_dataloader(args) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    threads = _threads()
+    threads = bu.driver_threads()
     tr = _trainer(nnUNetTrainer, args.dataset, args.plans, args.configuration, args.fold, args.device)
     tr.initialize()
     t0 = time.perf_counter()
@@ -154,7 +147,7 @@ def cmd_dataloader(args) -> dict:
 def cmd_make_checkpoint(args) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    _threads()
+    bu.driver_threads()
     tr = _trainer(nnUNetTrainer, args.dataset, args.plans, args.configuration, args.fold, "cpu")
     tr.num_input_channels = len(tr.dataset_json.get("channel_names", tr.dataset_json.get("modality", {})))
     tr.network = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, tr.num_input_channels,
@@ -175,7 +168,7 @@ def cmd_make_checkpoint(args) -> dict:
 def cmd_predict(args) -> dict:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    threads = _threads()
+    threads = bu.driver_threads()
     cases = json.loads(Path(args.cases).read_text())  # [{"case": id, "image": [channel files]}]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +202,7 @@ def cmd_train(args) -> dict:
             self.num_iterations_per_epoch = args.iterations
             self.num_val_iterations_per_epoch = args.val_iterations
 
-    threads = _threads()
+    threads = bu.driver_threads()
     if args.device == "cuda":  # what nnUNetv2_train does
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)
@@ -273,15 +266,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     fn = {"train-steps": cmd_train_steps, "dataloader": cmd_dataloader, "make-checkpoint": cmd_make_checkpoint,
           "predict": cmd_predict, "train": cmd_train}[args.command]
-    command_started = time.time()
-    result = fn(args)
-    result["imports_s"], result["command_s"] = command_started - STARTED, time.time() - command_started
-    result["torch_version"] = torch.__version__
-    tmp = args.result.with_name(f".{args.result.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, args.result)
-    sys.stdout.flush()
-    return 0
+    return bu.run_driver_command(fn, args, STARTED)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,8 @@ STARTED = time.time()  # before the heavy imports: with the runner's wall time t
 
 import numpy as np
 import torch
+import benchutil as bu
 from treemem import TreeMemoryMonitor, cuda_peak_mb
-
-
-def _threads():
-    n = int(os.environ.get("BENCH_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
 
 
 def _enter_bundle(bundle: Path):
@@ -73,7 +67,7 @@ def _train_parser(bundle: Path, overrides: dict, label_float: bool):
 
 def cmd_preprocess(args) -> dict:
     bundle = _enter_bundle(args.bundle)
-    _threads()
+    bu.driver_threads()
     import scripts.data as data
 
     parser = _train_parser(bundle, {}, False)
@@ -94,7 +88,7 @@ def cmd_preprocess(args) -> dict:
 def cmd_probe_label_dtype(args) -> dict:
     """Apply train#preprocessing to one real patch twice: spatial augmentation forced on, then forced off."""
     bundle = _enter_bundle(args.bundle)
-    _threads()
+    bu.driver_threads()
     parser = _train_parser(bundle, {"num_workers": 0, "iterations_per_epoch": 1}, False)
     dataset = parser.get_parsed_content("train#dataset")
     transform = dataset.transform
@@ -153,7 +147,7 @@ def _shapes(batch) -> dict:
 def cmd_train_steps(args) -> dict:
 
     bundle = _enter_bundle(args.bundle)
-    threads = _threads()
+    threads = bu.driver_threads()
     memory = TreeMemoryMonitor(0.2)
     memory.phase("setup")
     n = args.warmup + args.iterations
@@ -217,7 +211,7 @@ def cmd_train_steps(args) -> dict:
 
 def cmd_dataloader(args) -> dict:
     bundle = _enter_bundle(args.bundle)
-    threads = _threads()
+    threads = bu.driver_threads()
     overrides = {"iterations_per_epoch": args.warmup + args.batches + 1, "num_workers": args.workers}
     parser = _train_parser(bundle, overrides, args.label_float)
     t0 = time.perf_counter()
@@ -244,7 +238,7 @@ def cmd_dataloader(args) -> dict:
 
 def cmd_make_checkpoint(args) -> dict:
     bundle = _enter_bundle(args.bundle)
-    _threads()
+    bu.driver_threads()
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -261,7 +255,7 @@ def cmd_make_checkpoint(args) -> dict:
 
 def cmd_predict(args) -> dict:
     bundle = _enter_bundle(args.bundle)
-    threads = _threads()
+    threads = bu.driver_threads()
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 
@@ -332,17 +326,9 @@ def main(argv=None) -> int:
     p.add_argument("--tta", type=int, default=1)
     p.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    args.result = args.result.resolve()
     fn = {"preprocess": cmd_preprocess, "probe-label-dtype": cmd_probe_label_dtype, "train-steps": cmd_train_steps,
           "dataloader": cmd_dataloader, "make-checkpoint": cmd_make_checkpoint, "predict": cmd_predict}[args.command]
-    command_started = time.time()
-    result = fn(args)
-    result["imports_s"], result["command_s"] = command_started - STARTED, time.time() - command_started
-    result["torch_version"] = torch.__version__
-    tmp = args.result.with_name(f".{args.result.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, args.result)
-    return 0
+    return bu.run_driver_command(fn, args, STARTED)
 
 
 if __name__ == "__main__":
