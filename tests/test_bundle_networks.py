@@ -229,7 +229,8 @@ def test_dynunet_heads_are_monais_heads_before_upsampling():
     """Same weights in MONAI's DynUNet: its stacked output is ours with each head upsampled (nearest)."""
     ours = tiny_dynunet().train()
     monai_net = DynUNet(3, 1, 3, kernel_size=[[3] * 3] * 3, strides=[[1] * 3] + [[2] * 3] * 2,
-                        upsample_kernel_size=[[2] * 3] * 2, filters=[4, 8, 16], norm_name=("INSTANCE", {"affine": True}),
+                        upsample_kernel_size=[[2] * 3] * 2, filters=[4, 8, 16],
+                        norm_name=("INSTANCE", {"affine": True}),
                         act_name=("leakyrelu", {"negative_slope": 0.01, "inplace": True}), deep_supervision=True,
                         deep_supr_num=1, trans_bias=True).train()
     monai_net.load_state_dict(ours.state_dict())
@@ -304,8 +305,9 @@ def test_plain_unet_init_and_scripting():
 
 
 def test_dynunet_only_where_it_is_exact():
-    iso = {"kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3, "features_per_stage": [4, 8, 16, 16],
-           "n_conv_per_stage": [2] * 4, "n_conv_per_stage_decoder": [2] * 3, "conv_bias": True}
+    iso = {"kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3,
+           "features_per_stage": [4, 8, 16, 16], "n_conv_per_stage": [2] * 4, "n_conv_per_stage_decoder": [2] * 3,
+           "conv_bias": True}
     plan = lambda kw: {"network_class_name": "PlainConvUNet", "arch_kwargs": kw}  # noqa: E731
     assert dynunet_is_exact(iso) and isinstance(network_from_plan(plan(iso), 1, 2), DynUNet)
     for change in ({"kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 3}, {"n_conv_per_stage": [2, 2, 3, 2]},

@@ -194,7 +194,8 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
                 assert torch.backends.cudnn.benchmark is not deterministic
                 assert torch.backends.cudnn.deterministic is deterministic
             train, val = (parser.get_parsed_content(f"{k}#dataloader") for k in ("train", "validate"))
-            assert (train.num_workers, val.num_workers) == (2, 1) and train.persistent_workers and val.persistent_workers
+            assert (train.num_workers, val.num_workers) == (2, 1)
+            assert train.persistent_workers and val.persistent_workers
             # batches in the order the workers finish them unless deterministic (nnU-Net's NonDet augmenter)
             assert train.in_order is True and val.in_order is True
             parser["deterministic"] = False

@@ -181,7 +181,8 @@ class CascadeMorphologyd(Randomizable, MapTransform):
             if self.R.uniform() < self.p_binary:
                 for i in self.R.permutation(len(masks)):
                     if self.R.uniform() < self.p_per_label and masks[i].any():
-                        new = self.operate(masks[i], self.OPERATIONS[self.R.randint(4)], self.R.uniform(*self.strel_size))
+                        operation = self.OPERATIONS[self.R.randint(4)]
+                        new = self.operate(masks[i], operation, self.R.uniform(*self.strel_size))
                         added = new & ~masks[i]
                         masks = [m & ~added if j != i else new for j, m in enumerate(masks)]
                         touched = True
