@@ -178,7 +178,8 @@ the validation cases' predictions with `summary.json` in `eval/validation/`. Pre
 (default nnU-Net's 12, capped at the cores available; validation uses half). On a GPU, cuDNN picks its fastest
 kernels and batches are taken in the order the workers finish them, as in nnU-Net; `--deterministic True` makes GPU
 runs repeatable at some cost in speed. `--compile True` runs the network through `torch.compile` (nnU-Net's default
-on CUDA; off here because it did not speed up a small dataset).
+on CUDA; off here because it did not speed up a small dataset). `--log_interval N` logs the training loss every N
+iterations (default 10).
 
 ## Infer
 

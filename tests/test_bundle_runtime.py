@@ -118,6 +118,19 @@ def test_sparse_annotation_centres_samples_on_annotated_voxels(tmp_path):
         assert (ds[i]["label"] != 2).any()
 
 
+def test_rolling_batches_continue_one_iterator_across_passes():
+    """Each pass (one validation run) takes the next ``epoch_length`` batches; a loader that runs out restarts."""
+    from bundles.scripts.data import RollingBatches
+
+    loader = torch.utils.data.DataLoader(list(range(10)), batch_size=2)
+    rolling = RollingBatches(loader, 2)
+    passes = [[b.tolist() for b in rolling] for _ in range(3)]
+    assert len(rolling) == 2
+    assert passes == [[[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8, 9], [0, 1]]]
+    rolling.release()
+    assert [b.tolist() for b in rolling] == [[0, 1], [2, 3]]  # after release, a new pass starts over
+
+
 def test_inferer_mirroring_averages_flipped_predictions():
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
@@ -177,7 +190,16 @@ def test_pseudo_dice_sums_counts_and_keeps_an_ema():
     assert first == pytest.approx((1.0 + 2 / 3) / 2)
     metric.reset()
     metric.update((pred, torch.zeros(1, 1, 4, 4) + 1))  # class 2 absent from the reference: Dice 0
-    assert metric.compute() == pytest.approx(0.9 * first + 0.1 * np.mean([2 * 8 / (16 + 8), 0.0]))
+    second = metric.compute()
+    assert second == pytest.approx(0.9 * first + 0.1 * np.mean([2 * 8 / (16 + 8), 0.0]))
+    metric.reset()  # counts are summed over the batches of an epoch (TP 16/4, FP 0/12, FN 8/0), not averaged
+    metric.update((pred, label))
+    metric.update((pred, torch.zeros(1, 1, 4, 4) + 1))
+    third = metric.compute()
+    assert metric.last_per_class == pytest.approx([2 * 16 / (2 * 16 + 8), 2 * 4 / (2 * 4 + 12)])
+    assert third == pytest.approx(0.9 * second + 0.1 * np.mean([0.8, 0.4]))
+    metric.reset()  # an epoch without batches leaves the EMA alone
+    assert metric.compute() == pytest.approx(third) and np.isnan(metric.last_mean)
 
 
 def test_preprocessing_cache_is_the_same_with_a_worker_pool(synthetic_mr, tmp_path, monkeypatch):

@@ -182,6 +182,7 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
     from monai.bundle import ConfigParser
 
     bundle = shutil.copytree(emitted[2]["3d_fullres"], tmp_path / "bundle")
+    shutil.rmtree(bundle / "models", ignore_errors=True)  # a fresh training, whichever tests trained the original
     flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     try:
         with bundle_on_path(bundle):
@@ -204,18 +205,28 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
             assert parser.get_parsed_content("train#trainer").non_blocking  # overlaps host-to-GPU copies (pinned)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
-    bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
-               "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "2")
+    result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
+                        "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "2",
+                        "--log_interval", "2")
     assert json.loads((bundle / "eval/progress.json").read_text())["epoch"] == [1, 2]
+    log = result.stdout + result.stderr  # the training loss is logged every log_interval iterations
+    assert "Epoch: 2/2, Iter: 2/2 -- train_loss" in log and "Iter: 1/2 -- train_loss" not in log
 
 
-def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path):
+def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path, monkeypatch):
     """The same worker processes serve every epoch, and none is left once training completes (before the final
-    validation), as nnU-Net's augmenters are ended in on_train_end."""
+    validation), as nnU-Net's augmenters are ended in on_train_end. Each loader is iterated once for the whole run,
+    so its workers prepare the next epoch's (and the next validation's) batches instead of restarting at its start."""
     import multiprocessing
 
+    import torch
     from ignite.engine import Events
     from monai.bundle import ConfigParser
+
+    passes = []
+    plain_iter = torch.utils.data.DataLoader.__iter__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__",
+                        lambda loader: passes.append(id(loader)) or plain_iter(loader))
 
     bundle = shutil.copytree(emitted[2]["3d_fullres"], tmp_path / "bundle")
     shutil.rmtree(bundle / "models", ignore_errors=True)  # a fresh training, not a resumed one
@@ -231,7 +242,9 @@ def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path):
         trainer.add_event_handler(Events.EPOCH_COMPLETED,
                                   lambda e: seen.append(sorted(p.pid for p in multiprocessing.active_children())))
         trainer.run()
+        loaders = [id(parser.get_parsed_content(f"{k}#dataloader")) for k in ("train", "validate")]
     assert len(seen) == 2 and len(seen[0]) == 3 and seen[0] == seen[1]  # 2 training + 1 validation worker
+    assert sorted(passes) == sorted(loaders)  # one pass each over 2 epochs (2 each if restarted every epoch)
     assert multiprocessing.active_children() == []
     assert (bundle / "models/model.pt").is_file()
 

@@ -236,7 +236,10 @@ def initial_patch_size(patch_size, rotation_max: float, dummy_2d: bool = False) 
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Random patches from the preprocessing cache, nnU-Net style; one epoch = ``length`` samples.
+    """Random patches from the preprocessing cache, nnU-Net style: ``length`` samples in all.
+
+    The bundles size it for the whole run (epochs x iterations x batch) and let the engine's ``epoch_length`` cut
+    the epochs, so one loader iterator, and the prefetching of its workers, carries on across epoch boundaries.
 
     ``data`` is a datalist (``[{"image": [channel files], "label": file, "case"?: id}]``, the form MONAI Label passes
     as ``train#dataset#data``); missing cases are preprocessed into ``cache_root`` first (rank 0 only under DDP).
@@ -337,6 +340,47 @@ class PatchDataset(torch.utils.data.Dataset):
         if prev is not None:
             item["prev"] = torch.from_numpy(prev)
         return self.transform(item) if self.transform is not None else item
+
+
+def shutdown_workers(loader) -> None:
+    """Ends the worker processes of a ``DataLoader``'s persistent iterator, which it keeps between passes."""
+    batches = getattr(loader, "_iterator", None)
+    if batches is not None and hasattr(batches, "_shutdown_workers"):
+        batches._shutdown_workers()
+    loader._iterator = None
+
+
+class RollingBatches:
+    """``epoch_length`` batches per pass, drawn from one long-lived iterator over ``loader``.
+
+    An engine run again every epoch (the validation) would restart its loader each time, and the workers would
+    start on the next batches only then. Drawing from one iterator lets them fill their prefetch queue while
+    training goes on, as nnU-Net's background validation augmenter does. ``loader`` should hold at least one
+    pass per run (the bundles size the validation dataset for every epoch); when it runs out it is restarted.
+    """
+
+    def __init__(self, loader, epoch_length: int):
+        self.loader = loader
+        self.epoch_length = int(epoch_length)
+        self._batches = None
+
+    def __len__(self) -> int:
+        return self.epoch_length
+
+    def __iter__(self):
+        for _ in range(self.epoch_length):
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            try:
+                yield next(self._batches)
+            except StopIteration:
+                self._batches = iter(self.loader)
+                yield next(self._batches)
+
+    def release(self) -> None:
+        """Ends the loader's workers; a later pass starts new ones."""
+        self._batches = None
+        shutdown_workers(self.loader)
 
 
 class PreviousStageToChannelsd(MapTransform):

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
+from .data import RollingBatches, shutdown_workers
+
 logger = logging.getLogger(__name__)
 
 
@@ -156,10 +158,10 @@ class ReleaseDataWorkers:
 
     def __call__(self, engine: Engine) -> None:
         for loader in self.loaders:
-            workers = getattr(loader, "_iterator", None)  # DataLoader keeps it while persistent_workers is on
-            if workers is not None and hasattr(workers, "_shutdown_workers"):
-                workers._shutdown_workers()
-            loader._iterator = None
+            if isinstance(loader, RollingBatches):
+                loader.release()
+            else:
+                shutdown_workers(loader)
 
 
 def clip_gradients_hook(network: torch.nn.Module, max_norm: float = 12.0):

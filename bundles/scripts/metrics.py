@@ -26,9 +26,7 @@ class PseudoDice(Metric):
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self):
-        self.tp = torch.zeros(self.num_classes - 1, dtype=torch.float64)
-        self.fp = torch.zeros_like(self.tp)
-        self.fn = torch.zeros_like(self.tp)
+        self.counts = None  # (foreground class, [TP, FP, FN]) on the prediction's device until compute()
 
     def update(self, output):
         pred, label = output
@@ -37,15 +35,17 @@ class PseudoDice(Metric):
         pred = pred.detach().argmax(1)
         label = label.detach()[:, 0].long()
         valid = label != self.ignore_label if self.ignore_label is not None else torch.ones_like(label, dtype=torch.bool)
+        rows = []
         for c in range(1, self.num_classes):
             p, t = (pred == c) & valid, (label == c) & valid
-            self.tp[c - 1] += (p & t).sum().item()
-            self.fp[c - 1] += (p & ~t).sum().item()
-            self.fn[c - 1] += (~p & t).sum().item()
+            rows.append(torch.stack([(p & t).sum(), (p & ~t).sum(), (~p & t).sum()]))
+        counts = torch.stack(rows)  # summed without reading back to the host, which would wait for the GPU per batch
+        self.counts = counts if self.counts is None else self.counts + counts
 
     def compute(self) -> float:
-        denominator = 2 * self.tp + self.fp + self.fn
-        per_class = [float(2 * tp / d) if d > 0 else float("nan") for tp, d in zip(self.tp, denominator)]
+        counts = torch.zeros(self.num_classes - 1, 3) if self.counts is None else self.counts.double().cpu()
+        per_class = [float(2 * tp / (2 * tp + fp + fn)) if 2 * tp + fp + fn > 0 else float("nan")
+                     for tp, fp, fn in counts.tolist()]
         valid = [v for v in per_class if not math.isnan(v)]
         self.last_per_class = per_class
         self.last_mean = sum(valid) / len(valid) if valid else float("nan")
