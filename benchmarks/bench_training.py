@@ -11,7 +11,15 @@ On one dataset (default ``../shared/data/Dataset004_Hippocampus``), one configur
 2. Data pipeline alone: batches per second of ``next()`` on nnU-Net's ``get_dataloaders()`` augmenter
    (``nnUNet_n_proc_DA`` = W workers) and on the bundle's ``train#dataloader`` (``num_workers`` = W), same batch
    size (the plan's), after a warm-up that drains their prefetch queues.
-3. Training iterations (peak memory of the timed iterations from a monitor thread in each driver, and of the whole
+3. The loaders across epochs: both systems' training and validation loaders consumed as their training loops
+   consume them (nnU-Net: ``run_training()``'s order; ours: ignite engines over the loaders the bundle's trainer
+   and evaluator are given), ``--loop-epochs`` epochs of ``--loop-batches`` training batches, each followed by
+   ``--loop-val-batches`` validation batches, with sleeps of ``--loop-step-s`` (0.02 s for validation) in place of
+   the steps. Reported: the epoch's wall time beyond its sleeps and the waits for the first training and first
+   validation batch, medians of the epochs after the first. Choose a step longer than a batch takes to make (the
+   default suits 2 workers on a CPU; on a GPU machine use the measured step, e.g. ``--loop-step-s 0.02
+   --loop-batches 250 --loop-val-batches 50``).
+4. Training iterations (peak memory of the timed iterations from a monitor thread in each driver, and of the whole
    subprocess from outside): nnU-Net's ``nnUNetTrainer`` (``on_train_start()``, then ``next(dataloader_train)`` and
    ``train_step()`` timed separately) against the bundle's ``train#trainer`` (MONAI ``SupervisedTrainer`` with the
    bundle's network, loss, optimizer and dataloader, train handlers removed; data and step time from the engine's
@@ -81,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown", type=int, default=3, help="extra iterations split into parts (default 3)")
     ap.add_argument("--loader-batches", type=int, default=40, help="timed data-loader batches (default 40)")
     ap.add_argument("--loader-warmup", type=int, default=8, help="data-loader batches discarded (default 8)")
+    ap.add_argument("--loop-epochs", type=int, default=4,
+                    help="epochs of the loader loop with simulated steps (default 4; 0 or 1 skips it)")
+    ap.add_argument("--loop-batches", type=int, default=12, help="training batches per loop epoch (default 12)")
+    ap.add_argument("--loop-val-batches", type=int, default=6, help="validation batches per loop epoch (default 6)")
+    ap.add_argument("--loop-step-s", type=float, default=0.25,
+                    help="simulated training step, s (default 0.25: slower than 2 workers' batches)")
     ap.add_argument("--workers", type=int, default=2, help="data-loading worker processes, both (default 2)")
     ap.add_argument("--processes", type=int, default=2, help="preprocessing / planning processes (default 2)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both (default: all cores)")
@@ -230,7 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     result["dataloader"] = {t: {"runs": runs, **bu.best_of(runs, "batches_per_s", higher=True)}
                             for t, runs in loaders.items()}
 
-    # ---- 3. training iterations ------------------------------------------------------------------------------------
+    # ---- 3. the loaders across epochs ------------------------------------------------------------------------------
+    def epochs_done(tool, m):
+        r = m["result"]
+        m["overhead_median_s"] = r["overhead_s"]["median"]
+        print(f"{tool} loaders across epochs: {r['overhead_s']['median']:.3f} s per epoch beyond the simulated steps, "
+              f"first batch waits: training {r['first_train_wait_s']['median']:.3f} s, validation "
+              f"{r['first_val_wait_s']['median']:.3f} s (medians of epochs 2-{args.loop_epochs}; foreign CPU "
+              f"{m['foreign_cpu_fraction']:.0%})", flush=True)
+
+    if args.loop_epochs > 1:
+        loops = measured_runs("epochs", ["--epochs", args.loop_epochs, "--batches-per-epoch", args.loop_batches,
+                                         "--val-batches", args.loop_val_batches, "--step-s", args.loop_step_s,
+                                         "--device", args.device], "epoch loop", "epochs", epochs_done)
+        result["epoch_loop"] = {t: {"runs": runs, **bu.best_of(runs, "overhead_median_s")} for t, runs in loops.items()}
+
+    # ---- 4. training iterations ------------------------------------------------------------------------------------
     def train_done(tool, m):
         m["summary"] = summarize_train(m["result"], args.warmup)
         m["iteration_median_s"] = m["summary"]["iteration_s"]["median"]
@@ -280,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         both("preprocessing peak PSS MB", "preprocessing", "peak_pss_mb_max", spec=".0f"),
         both("dataloader batches/s", "dataloader", "best", "batches_per_s"),
         both("dataloader peak PSS MB", "dataloader", "peak_pss_mb_max", spec=".0f"),
+        both("epoch loop: s per epoch beyond its steps", "epoch_loop", "best", "result", "overhead_s", "median",
+             spec=".3f"),
+        both("  first training batch wait s", "epoch_loop", "best", "result", "first_train_wait_s", "median",
+             spec=".3f"),
+        both("  first validation batch wait s", "epoch_loop", "best", "result", "first_val_wait_s", "median",
+             spec=".3f"),
         both("train s/iteration (median)", "training", "best", "summary", "iteration_s", "median"),
         both("train s/iteration (mean)", "training", "best", "summary", "iteration_s", "mean"),
         both("  of which data wait s (median)", "training", "best", "summary", "data_wait_s", "median", spec=".3f"),
@@ -304,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     result["table"] = [{"metric": r[0].strip(), "ours": r[1], "nnunet": r[2], "ratio_ours_over_nnunet":
                         bu.ratio(r[1], r[2])} for r in rows]
     noise = {f"{sec}.{tool}": [round(m.get("foreign_cpu_fraction", 0), 3) for m in v["runs"]]
-             for sec in ("preprocessing", "dataloader", "training") for tool, v in result.get(sec, {}).items()}
+             for sec in ("preprocessing", "dataloader", "epoch_loop", "training") for tool, v in result.get(sec, {}).items()}
     result["foreign_cpu_fraction"] = noise
     result["loadavg_end"] = bu.loadavg()
     print(f"\nforeign CPU load during each run (0 = quiet machine): {noise}")

@@ -445,6 +445,28 @@ def driver_threads() -> int:
     return torch.get_num_threads()
 
 
+def add_epoch_loop_arguments(p) -> None:
+    """Options of the drivers' ``epochs`` subcommand (the same for both systems)."""
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batches-per-epoch", type=int, default=12)
+    p.add_argument("--val-batches", type=int, default=6)
+    p.add_argument("--step-s", type=float, default=0.25, help="simulated training step per batch")
+    p.add_argument("--val-step-s", type=float, default=0.02, help="simulated validation step per batch")
+
+
+def epoch_loop_result(args, epochs: list[dict]) -> dict:
+    """Per-epoch records ``{epoch_s, train_wait_s: [...], val_wait_s: [...]}`` of a loop whose steps are sleeps,
+    summarised over the epochs after the first (which starts the workers): the epoch's wall time beyond its sleeps
+    (the loaders' cost to the loop), and the waits for the first training and the first validation batch."""
+    budget = args.batches_per_epoch * args.step_s + args.val_batches * args.val_step_s
+    later = epochs[1:]
+    return {"epochs": epochs, "budget_s": budget, "step_s": args.step_s, "val_step_s": args.val_step_s,
+            "batches_per_epoch": args.batches_per_epoch, "val_batches": args.val_batches,
+            "overhead_s": stats([e["epoch_s"] - budget for e in later]),
+            "first_train_wait_s": stats([e["train_wait_s"][0] for e in later]),
+            "first_val_wait_s": stats([e["val_wait_s"][0] for e in later])}
+
+
 def run_driver_command(fn, args, started: float) -> int:
     """Run a driver's subcommand and write its figures to ``args.result``, with the seconds spent importing (since
     ``started``, taken before the heavy imports) and running it: beside the runner's wall time they show start-up

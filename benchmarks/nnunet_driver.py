@@ -6,6 +6,8 @@ numpy and the standard library). It uses nnU-Net's own classes, unmodified:
   few iterations with the body of ``train_step`` split into forward / loss / backward / clip+step.
 * ``dataloader``: ``initialize()`` + ``get_dataloaders()`` (the NonDetMultiThreadedAugmenter with
   ``nnUNet_n_proc_DA`` workers), then batches per second of ``next()`` alone.
+* ``epochs``: the same two augmenters consumed the way ``run_training()`` consumes them (a training epoch of
+  ``next(dataloader_train)``, then a validation of ``next(dataloader_val)``), with sleeps for the steps.
 * ``make-checkpoint``: a freshly initialised network saved by the trainer's own ``save_checkpoint`` as
   ``fold_F/checkpoint_final.pth`` in a model folder that ``nnUNetPredictor`` can load.
 * ``predict``: ``nnUNetPredictor.initialize_from_trained_model_folder`` + ``predict_from_files_sequential`` one case
@@ -144,6 +146,29 @@ def cmd_dataloader(args) -> dict:
             "num_cached": getattr(dl_tr, "num_cached", None)}
 
 
+def cmd_epochs(args) -> dict:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    threads = bu.driver_threads()
+    tr = _trainer(nnUNetTrainer, args.dataset, args.plans, args.configuration, args.fold, args.device)
+    tr.initialize()
+    dl_tr, dl_val = tr.get_dataloaders()
+    epochs = []
+    for _ in range(args.epochs):
+        start, record = time.perf_counter(), {"train_wait_s": [], "val_wait_s": []}
+        for loader, key, n, step in ((dl_tr, "train_wait_s", args.batches_per_epoch, args.step_s),
+                                     (dl_val, "val_wait_s", args.val_batches, args.val_step_s)):
+            for _ in range(n):
+                a = time.perf_counter()
+                next(loader)
+                record[key].append(time.perf_counter() - a)
+                time.sleep(step)
+        record["epoch_s"] = time.perf_counter() - start
+        epochs.append(record)
+    _finish(dl_tr, dl_val)
+    return {**bu.epoch_loop_result(args, epochs), "workers": os.environ.get("nnUNet_n_proc_DA"), "threads": threads}
+
+
 def cmd_make_checkpoint(args) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -250,6 +275,9 @@ def main(argv=None) -> int:
     common(p)
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--warmup", type=int, default=8)
+    p = sub.add_parser("epochs")
+    common(p)
+    bu.add_epoch_loop_arguments(p)
     p = sub.add_parser("make-checkpoint")
     common(p, device=False)
     p = sub.add_parser("predict")
@@ -264,7 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, required=True)
     p.add_argument("--val-iterations", type=int, required=True)
     args = ap.parse_args(argv)
-    fn = {"train-steps": cmd_train_steps, "dataloader": cmd_dataloader, "make-checkpoint": cmd_make_checkpoint,
+    fn = {"train-steps": cmd_train_steps, "dataloader": cmd_dataloader, "epochs": cmd_epochs,
+          "make-checkpoint": cmd_make_checkpoint,
           "predict": cmd_predict, "train": cmd_train}[args.command]
     return bu.run_driver_command(fn, args, STARTED)
 

@@ -10,6 +10,9 @@
   validation, checkpoints, TensorBoard); data time (get-batch events) and step time (iteration events) are recorded
   per iteration; then a few iterations split into forward / loss / backward / optimizer (with the clip hook).
 * ``dataloader``: batches per second of ``train#dataloader`` alone.
+* ``epochs``: the loaders the bundle's trainer and evaluator are given (``train#trainer#train_data_loader``,
+  ``validate#evaluator#val_data_loader``), driven by ignite engines whose steps are sleeps, validation after every
+  epoch: what the loaders cost the training loop at epoch starts and validations.
 * ``make-checkpoint``: ``models/model.pt`` = ``torch.save(network_def.state_dict())`` of a fresh network.
 * ``predict``: ``configs/inference.json`` through ``ConfigWorkflow`` on a given case list; per-case seconds from
   the evaluator's events (load + preprocess + sliding window + restore + save).
@@ -236,6 +239,45 @@ def cmd_dataloader(args) -> dict:
             "prefetch_factor": getattr(loader, "prefetch_factor", None), "label_float": args.label_float}
 
 
+def cmd_epochs(args) -> dict:
+    from ignite.engine import Engine, Events
+
+    bundle = _enter_bundle(args.bundle)
+    threads = bu.driver_threads()
+    overrides = {"epochs": args.epochs, "iterations_per_epoch": args.batches_per_epoch,
+                 "val_iterations": args.val_batches, "num_workers": args.workers,
+                 "device": f"$torch.device('{args.device}')"}  # pinned memory on CUDA, as in training
+    parser = _train_parser(bundle, overrides, args.label_float)
+    train_data = parser.get_parsed_content("train#trainer#train_data_loader")
+    val_data = parser.get_parsed_content("validate#evaluator#val_data_loader")
+    trainer = Engine(lambda engine, batch: time.sleep(args.step_s))
+    evaluator = Engine(lambda engine, batch: time.sleep(args.val_step_s))
+    epochs, marks = [], {}
+
+    def waits(engine, key):
+        engine.add_event_handler(Events.GET_BATCH_STARTED, lambda e: marks.__setitem__("get", time.perf_counter()))
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED,
+                                 lambda e: epochs[-1][key].append(time.perf_counter() - marks["get"]))
+
+    waits(trainer, "train_wait_s")
+    waits(evaluator, "val_wait_s")
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(
+        {"start": time.perf_counter(), "train_wait_s": [], "val_wait_s": []}))
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def validate(engine):
+        evaluator.run(val_data, epoch_length=args.val_batches)
+        epochs[-1]["epoch_s"] = time.perf_counter() - epochs[-1].pop("start")
+
+    trainer.run(train_data, max_epochs=args.epochs, epoch_length=args.batches_per_epoch)
+    for loader in ("train#dataloader", "validate#dataloader"):
+        shutdown = getattr(parser.get_parsed_content(loader)._iterator, "_shutdown_workers", None)
+        if shutdown:
+            shutdown()
+    return {**bu.epoch_loop_result(args, epochs), "workers": args.workers, "threads": threads,
+            "label_float": args.label_float}
+
+
 def cmd_make_checkpoint(args) -> dict:
     bundle = _enter_bundle(args.bundle)
     bu.driver_threads()
@@ -317,6 +359,12 @@ def main(argv=None) -> int:
             p.add_argument("--device", default="cpu")
         else:
             p.add_argument("--batches", type=int, default=20)
+    p = sub.add_parser("epochs")
+    common(p)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--label-float", action="store_true")
+    p.add_argument("--device", default="cpu")
+    bu.add_epoch_loop_arguments(p)
     p = sub.add_parser("make-checkpoint")
     common(p)
     p = sub.add_parser("predict")
@@ -327,7 +375,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     fn = {"preprocess": cmd_preprocess, "probe-label-dtype": cmd_probe_label_dtype, "train-steps": cmd_train_steps,
-          "dataloader": cmd_dataloader, "make-checkpoint": cmd_make_checkpoint, "predict": cmd_predict}[args.command]
+          "dataloader": cmd_dataloader, "epochs": cmd_epochs, "make-checkpoint": cmd_make_checkpoint, "predict": cmd_predict}[args.command]
     return bu.run_driver_command(fn, args, STARTED)
 
 
