@@ -2,6 +2,13 @@
 (``get_network_from_plans``, in the venv of ``nnunet_venv.py``) from plans-style ``arch_kwargs``, with their seeded
 weights, an input and the outputs (deep-supervision list in training mode, one tensor in eval mode).
 
+For the 3-D case it also records a few training steps taken with nnU-Net's own pieces: ``DC_and_CE_loss`` (soft Dice
+without background, smooth 1e-5, plus cross-entropy) inside ``DeepSupervisionWrapper`` with the trainer's weights
+(1/2^i, the lowest resolution 0, normalised), targets downsampled for each output as its
+``DownsampleSegForDSTransform`` does, SGD with the trainer's settings and gradient clipping at 12: the batches, the
+loss of every step and the weights after the last one. The tests take the same steps with the bundle's loss,
+optimizer settings and clipping hook.
+
 The test suite loads each state dict into the bundle's own network for the same ``arch_kwargs`` and compares outputs,
 so exactness is checked against nnU-Net without nnU-Net being a dependency. nnU-Net is only called; none of its code
 is copied. The networks are tiny (a few thousand weights) so the fixture stays small.
@@ -65,7 +72,51 @@ for name, case in cases.items():
              if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
     fixture[name] = {**case, "class": type(net).__name__, "state_dict": state, "input": x,
                      "train_outputs": train_out, "eval_output": eval_out}
+    if name == "anisotropic_3d":
+        fixture[name]["training"] = train_steps(net, case)
 torch.save(fixture, out)
+"""
+
+_TRAIN = r"""
+import numpy as np
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+
+def train_steps(net, case, steps=4):
+    torch.manual_seed(1)
+    net.train()
+    net.decoder.deep_supervision = True
+    shape = case["input_shape"]
+    batches = []
+    for _ in range(steps):
+        label = torch.zeros(shape[0], 1, *shape[2:])
+        label[..., 2:6, 3:12, 4:11] = 1
+        label[..., 3:5, 6:9, 6:9] = 2
+        batches.append({"image": torch.randn(*shape) + label, "label": torch.roll(label, int(torch.randint(-2, 3, ())), -1)})
+    weights = np.array([1 / 2 ** i for i in range(len(net.decoder.seg_layers))])
+    weights[-1] = 0
+    loss_fn = DeepSupervisionWrapper(DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False},
+                                                    {}, weight_ce=1, weight_dice=1, ignore_label=None,
+                                                    dice_class=MemoryEfficientSoftDiceLoss), weights / weights.sum())
+    optimizer = torch.optim.SGD(net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    losses = []
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        output = net(batch["image"])
+        targets = [torch.nn.functional.interpolate(batch["label"], size=o.shape[2:], mode="nearest-exact")
+                   for o in output]
+        loss = loss_fn(output, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+        optimizer.step()
+        losses.append(loss.item())
+    after = {k: v.clone() for k, v in net.state_dict().items()
+             if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
+    net.load_state_dict(state)
+    return {"batches": batches, "losses": losses, "state_dict_after": after}
 """
 
 
@@ -76,7 +127,8 @@ def main(argv=None) -> int:
     python = ensure_nnunet_venv(args.venv)
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     tmp = FIXTURE.with_name(f".{FIXTURE.name}.tmp")
-    subprocess.run([str(python), "-c", _BUILD, json.dumps(CASES), str(tmp)], check=True)
+    subprocess.run([str(python), "-c", _BUILD.replace("fixture = {}", _TRAIN + "\nfixture = {}"),
+                    json.dumps(CASES), str(tmp)], check=True)
     tmp.replace(FIXTURE)
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")
     return 0

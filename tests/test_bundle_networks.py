@@ -293,6 +293,37 @@ def test_plain_unet_reproduces_nnunets_own_network(case):
         torch.testing.assert_close(net.eval()(fixture["input"]), fixture["eval_output"], rtol=1e-5, atol=1e-5)
 
 
+def test_training_steps_reproduce_nnunets_own():
+    """Four SGD steps from nnU-Net's weights on the same batches: nnU-Net's loss, optimizer and clipping
+    (benchmarks/make_network_fixture.py) against the bundle's loss, the optimizer settings of train.json and its
+    gradient-clipping hook. Every step's loss and the final weights agree."""
+    from bundles.scripts.handlers import clip_gradients_hook
+    from bundles.scripts.losses import NnUNetLoss
+
+    fixture = torch.load(PLAIN_FIXTURE, weights_only=False)["anisotropic_3d"]
+    template = json.loads((ROOT / "bundles" / "templates" / "train.json").read_text())
+    settings = {k: v for k, v in template["optimizer"].items() if k not in ("_target_", "params", "lr")}
+    assert template["optimizer"]["_target_"] == "torch.optim.SGD"
+    net = PlainConvUNet(3, fixture["in_channels"], fixture["out_channels"], fixture["arch_kwargs"]["features_per_stage"],
+                        fixture["arch_kwargs"]["kernel_sizes"], fixture["arch_kwargs"]["strides"], 2, 2)
+    net.load_state_dict(nnunet_state_dict(fixture["state_dict"]), strict=True)
+    loss_fn = NnUNetLoss(num_outputs=len(fixture["train_outputs"]))
+    optimizer = torch.optim.SGD(net.parameters(), lr=template["learning_rate"], **settings)
+    optimizer.register_step_pre_hook(clip_gradients_hook(net, 12.0))
+    net.train()
+    losses = []
+    for batch in fixture["training"]["batches"]:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(batch["image"]), batch["label"])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses == pytest.approx(fixture["training"]["losses"], rel=1e-5)
+    after = nnunet_state_dict(fixture["training"]["state_dict_after"])
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, after[key], rtol=1e-4, atol=1e-6)
+
+
 def test_plain_unet_init_and_scripting():
     torch.manual_seed(0)
     net = PlainConvUNet(3, 1, 2, [4, 8, 16], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]], 2, 2)
