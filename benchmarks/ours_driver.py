@@ -270,10 +270,9 @@ def cmd_epochs(args) -> dict:
         epochs[-1]["epoch_s"] = time.perf_counter() - epochs[-1].pop("start")
 
     trainer.run(train_data, max_epochs=args.epochs, epoch_length=args.batches_per_epoch)
-    for loader in ("train#dataloader", "validate#dataloader"):
-        shutdown = getattr(parser.get_parsed_content(loader)._iterator, "_shutdown_workers", None)
-        if shutdown:
-            shutdown()
+    from scripts.handlers import ReleaseDataWorkers  # the bundle's own, as its training ends its loaders
+
+    ReleaseDataWorkers([train_data, val_data])(trainer)
     return {**bu.epoch_loop_result(args, epochs), "workers": args.workers, "threads": threads,
             "label_float": args.label_float}
 

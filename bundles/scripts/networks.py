@@ -327,9 +327,16 @@ def dynunet_is_exact(arch_kwargs: dict) -> bool:
     ``kernel_sizes[t + 1]`` where nnU-Net uses ``kernel_sizes[t]``). DynUNet's missing conv biases do not count: the
     InstanceNorm after each conv cancels a bias."""
     kernels = [list(k) if isinstance(k, (list, tuple)) else [k] for k in arch_kwargs["kernel_sizes"]]
-    convs = [arch_kwargs.get(key, 2) for key in ("n_conv_per_stage", "n_conv_per_stage_decoder")]
-    two_each = all(int(c) == 2 for per in convs for c in ([per] if isinstance(per, int) else per))
-    return len(kernels) >= 3 and two_each and all(k == kernels[0] for k in kernels)
+    return len(kernels) >= 3 and _conv_count_not_two(arch_kwargs) is None and all(k == kernels[0] for k in kernels)
+
+
+def _conv_count_not_two(arch_kwargs: dict):
+    """The first conv-count setting of the plan that is not 2 in every stage, as ``(key, value)``; None if none."""
+    for key in ("n_conv_per_stage", "n_conv_per_stage_decoder"):
+        per_stage = arch_kwargs.get(key, 2)
+        if any(int(c) != 2 for c in ([per_stage] if isinstance(per_stage, int) else per_stage)):
+            return key, per_stage
+    return None
 
 
 def dynunet_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
@@ -346,10 +353,9 @@ def dynunet_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, de
     n = len(kernels)
     if n < 3:
         raise ValueError(f"DynUNet needs at least 3 stages, the plan has {n}")
-    for key in ("n_conv_per_stage", "n_conv_per_stage_decoder"):
-        per_stage = arch_kwargs.get(key, 2)
-        if any(int(c) != 2 for c in ([per_stage] if isinstance(per_stage, int) else per_stage)):
-            raise ValueError(f"DynUNet has 2 convs per stage; the plan has {key}={per_stage}")
+    other = _conv_count_not_two(arch_kwargs)
+    if other is not None:
+        raise ValueError(f"DynUNet has 2 convs per stage; the plan has {other[0]}={other[1]}")
     return NativeResolutionDynUNet(len(kernels[0]), in_channels, out_channels, kernel_size=kernels, strides=strides,
                    upsample_kernel_size=strides[1:], filters=arch_kwargs["features_per_stage"],
                    norm_name=("INSTANCE", {"affine": True}),
