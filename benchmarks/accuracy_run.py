@@ -12,6 +12,11 @@ of their final validation (both with mirroring TTA, both written as nnU-Net's ``
 * ours: ``python -m monai.bundle run training --config_file configs/train.json --epochs E --iterations_per_epoch I
   --val_iterations V --num_workers W --device ...`` in the bundle (preprocessing cache, training, final validation
   into ``eval/validation/summary.json``).
+* Initial weights (``--init same``, the default): nnU-Net draws one network (``torch.manual_seed(--seed)``, its own
+  He init), saved as its ``checkpoint_final.pth``; both systems start from it (nnU-Net's trainer loads every weight
+  after ``initialize()``, the bundle takes ``--initial_weights``, renamed into DynUNet). The initial draw alone
+  moves a short run's Dice a lot (one draw's first loss can be twice another's), so a short budget compares the
+  training, not the luck of two draws. ``--init own`` lets each system draw its own, as a user's runs would.
 
 Reports per-label Dice (mean over validation cases) of both and the difference ours - nnU-Net, the training time
 and the epoch times; writes ``benchmarks/results/accuracy.json``. With a short budget the Dice values say little
@@ -71,8 +76,23 @@ def dice_table(summary: dict) -> dict:
     return out
 
 
+def initial_weights(args, work: Path, raw: Path, name: str, plans_file, fp_file, venv_dir: Path) -> Path | None:
+    """One freshly initialised nnU-Net network for both systems, as ``work/initial_weights.pth``; None on failure."""
+    root = work / "nnunet_init"
+    bu.setup_nnunet_folders(root, raw, plans_file, fp_file)
+    m = bu.run_driver(venv_bin(venv_dir, "python"), "nnunet_driver.py",
+                      ["make-checkpoint", "--dataset", name, "--configuration", args.configuration, "--fold", args.fold,
+                       "--seed", args.seed], work, "initial_weights", env=bu.nnunet_env(root, 1))
+    if m["result"] is None:
+        bu.print_failure("initial weights", m)
+        return None
+    path = work / "initial_weights.pth"
+    shutil.copyfile(m["result"]["checkpoint"], path)
+    return path
+
+
 def train_nnunet(args, work: Path, raw: Path, name: str, ds_id: int, plans_file, fp_file, splits_file: Path,
-                 venv_dir: Path, threads: int) -> dict:
+                 venv_dir: Path, threads: int, init: Path | None) -> dict:
     """nnUNetv2_preprocess, then the budgeted nnUNetTrainer (training + final validation); the measured run."""
     nn_root = work / "nnunet"
     pre = bu.setup_nnunet_folders(nn_root, raw, plans_file, fp_file)
@@ -90,7 +110,8 @@ def train_nnunet(args, work: Path, raw: Path, name: str, ds_id: int, plans_file,
     m = bu.run_driver(venv_bin(venv_dir, "python"), "nnunet_driver.py",
                       ["train", "--dataset", name, "--configuration", args.configuration, "--fold", args.fold,
                        "--device", args.device, "--epochs", args.epochs, "--iterations", args.iterations,
-                       "--val-iterations", args.val_iterations], work, "nnunet_train", env=env)
+                       "--val-iterations", args.val_iterations,
+                       *(["--initial-weights", init] if init else [])], work, "nnunet_train", env=env)
     m["preprocessing"] = m_pre
     if m["result"] is None or not Path(m["result"]["summary"]).is_file():
         bu.print_failure("nnunet training", m)
@@ -101,7 +122,8 @@ def train_nnunet(args, work: Path, raw: Path, name: str, ds_id: int, plans_file,
     return m
 
 
-def train_ours(args, work: Path, raw: Path, plans_file, splits_file: Path, threads: int, result: dict) -> dict:
+def train_ours(args, work: Path, raw: Path, plans_file, splits_file: Path, threads: int, result: dict,
+               init: Path | None) -> dict:
     """The bundle emitted from the same plans and split, trained with ``monai.bundle run training``; the measured
     run (preprocessing cache, training and final validation)."""
     bundle = bu.emit_bundle(plans_file, raw, work / "bundles", args.configuration, args.fold, splits_file)
@@ -125,7 +147,7 @@ def train_ours(args, work: Path, raw: Path, plans_file, splits_file: Path, threa
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
            "--epochs", args.epochs, "--iterations_per_epoch", args.iterations, "--val_iterations",
            args.val_iterations, "--num_workers", args.workers, "--device", device, "--compile", str(args.compile),
-           *overrides]
+           *(["--initial_weights", init] if init else []), *overrides]
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(threads)
     m = bu.run_measured(cmd, env=env, cwd=bundle, log=work / "ours_train.log")
@@ -167,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label-float", choices=("auto", "on", "off"), default="auto",
                     help="append dtype=float32 to train#preprocessing's EnsureTyped when labels come out with mixed "
                          "dtypes (collation crash); auto = when a probe finds it")
+    ap.add_argument("--init", choices=("same", "own"), default="same",
+                    help="same: both start from one nnU-Net initialisation (default); own: each draws its own")
+    ap.add_argument("--seed", type=int, default=0, help="torch seed of the shared initialisation (default 0)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
     args = ap.parse_args(argv)
 
@@ -179,10 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"dataset": str(raw), "configuration": args.configuration, "fold": args.fold, "device": args.device,
               "epochs": args.epochs, "iterations_per_epoch": args.iterations, "val_iterations": args.val_iterations,
               "val_cases_limit": args.val_cases, "workers": args.workers, "threads": threads, "compile": args.compile,
+              "init": args.init, "init_seed": args.seed if args.init == "same" else None,
               "nnunet_version": NNUNET_VERSION, "loadavg_start": bu.loadavg(), "memory_method": bu.MEMORY_METHOD}
     print(f"dataset {raw}\nwork folder {work}\nbudget {args.epochs} epochs x {args.iterations} iterations "
           f"({args.val_iterations} validation iterations per epoch), device {args.device}", flush=True)
-    venv_dir = ensure_nnunet_venv(args.venv).parent.parent if "nnunet" in tools else None
+    need_venv = "nnunet" in tools or args.init == "same"
+    venv_dir = ensure_nnunet_venv(args.venv).parent.parent if need_venv else None
 
     plans = bu.plans_for(raw, work, venv_dir, args.workers)
     if plans is None:
@@ -194,9 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     result["n_train_cases"], result["val_cases"] = len(fold_split["train"]), fold_split["val"]
     print(f"fold {args.fold}: {len(fold_split['train'])} training cases, {len(fold_split['val'])} validation cases",
           flush=True)
+    init = None
+    if args.init == "same":
+        init = initial_weights(args, work, raw, name, plans_file, fp_file, venv_dir)
+        if init is None:
+            return 2
+        print(f"both start from one nnU-Net initialisation (seed {args.seed}): {init}", flush=True)
     jobs = {"nnunet": lambda: train_nnunet(args, work, raw, name, ds_id, plans_file, fp_file, splits_file, venv_dir,
-                                           threads),
-            "ours": lambda: train_ours(args, work, raw, plans_file, splits_file, threads, result)}
+                                           threads, init),
+            "ours": lambda: train_ours(args, work, raw, plans_file, splits_file, threads, result, init)}
     if args.parallel and len(tools) == 2:
         print("both systems train at the same time, sharing the machine (the budget is the same for both)",
               flush=True)

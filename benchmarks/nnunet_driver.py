@@ -8,12 +8,14 @@ numpy and the standard library). It uses nnU-Net's own classes, unmodified:
   ``nnUNet_n_proc_DA`` workers), then batches per second of ``next()`` alone.
 * ``epochs``: the same two augmenters consumed the way ``run_training()`` consumes them (a training epoch of
   ``next(dataloader_train)``, then a validation of ``next(dataloader_val)``), with sleeps for the steps.
-* ``make-checkpoint``: a freshly initialised network saved by the trainer's own ``save_checkpoint`` as
-  ``fold_F/checkpoint_final.pth`` in a model folder that ``nnUNetPredictor`` can load.
+* ``make-checkpoint``: a freshly initialised network (``torch.manual_seed(--seed)`` first) saved by the trainer's
+  own ``save_checkpoint`` as ``fold_F/checkpoint_final.pth`` in a model folder that ``nnUNetPredictor`` can load.
 * ``predict``: ``nnUNetPredictor.initialize_from_trained_model_folder`` + ``predict_from_files_sequential`` one case
   at a time (single process, no multiprocessing), with or without mirroring.
 * ``train``: a short full training (``run_training()`` + ``perform_actual_validation()``) with a budget given on the
-  command line, via a trainer subclass that only sets ``num_epochs`` / iterations (the shared README's recipe).
+  command line, via a trainer subclass that only sets ``num_epochs`` / iterations (the shared README's recipe) and,
+  with ``--initial-weights``, loads a checkpoint's every weight after ``initialize()`` (nnU-Net's own
+  ``-pretrained_weights`` would keep the heads' random draw).
 
 ``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results`` must be set by the caller; ``BENCH_THREADS`` sets torch's
 thread count (``nnUNetv2_train -device cpu`` uses all cores). Every subcommand writes its figures to ``--result``.
@@ -173,6 +175,7 @@ def cmd_make_checkpoint(args) -> dict:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     bu.driver_threads()
+    torch.manual_seed(args.seed)
     tr = _trainer(nnUNetTrainer, args.dataset, args.plans, args.configuration, args.fold, "cpu")
     tr.num_input_channels = len(tr.dataset_json.get("channel_names", tr.dataset_json.get("modality", {})))
     tr.network = tr.build_network_architecture(tr.plans_manager, tr.configuration_manager, tr.num_input_channels,
@@ -227,6 +230,14 @@ def cmd_train(args) -> dict:
             self.num_iterations_per_epoch = args.iterations
             self.num_val_iterations_per_epoch = args.val_iterations
 
+        def initialize(self):
+            super().initialize()
+            if args.initial_weights:
+                net = self.network.module if self.is_ddp else self.network
+                net = getattr(net, "_orig_mod", net)  # compiled
+                weights = torch.load(args.initial_weights, map_location="cpu", weights_only=False)
+                net.load_state_dict(weights["network_weights"])
+
     threads = bu.driver_threads()
     if args.device == "cuda":  # what nnUNetv2_train does
         torch.set_num_threads(1)
@@ -280,6 +291,7 @@ def main(argv=None) -> int:
     bu.add_epoch_loop_arguments(p)
     p = sub.add_parser("make-checkpoint")
     common(p, device=False)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("predict")
     common(p)
     p.add_argument("--model-dir", required=True)
@@ -291,6 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--iterations", type=int, required=True)
     p.add_argument("--val-iterations", type=int, required=True)
+    p.add_argument("--initial-weights", default=None, help="checkpoint whose network_weights start the training")
     args = ap.parse_args(argv)
     fn = {"train-steps": cmd_train_steps, "dataloader": cmd_dataloader, "epochs": cmd_epochs,
           "make-checkpoint": cmd_make_checkpoint,

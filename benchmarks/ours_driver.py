@@ -269,10 +269,10 @@ def cmd_epochs(args) -> dict:
         evaluator.run(val_data, epoch_length=args.val_batches)
         epochs[-1]["epoch_s"] = time.perf_counter() - epochs[-1].pop("start")
 
-    trainer.run(train_data, max_epochs=args.epochs, epoch_length=args.batches_per_epoch)
-    from scripts.handlers import ReleaseDataWorkers  # the bundle's own, as its training ends its loaders
+    from scripts.handlers import DataWorkers  # the bundle's own, as its training starts and ends its loaders
 
-    ReleaseDataWorkers([train_data, val_data])(trainer)
+    DataWorkers([train_data, val_data]).attach(trainer)
+    trainer.run(train_data, max_epochs=args.epochs, epoch_length=args.batches_per_epoch)
     return {**bu.epoch_loop_result(args, epochs), "workers": args.workers, "threads": threads,
             "label_float": args.label_float}
 

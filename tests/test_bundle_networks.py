@@ -17,7 +17,8 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from bundles.scripts.networks import (BasicBlockD, MirrorTTA, PlainConvUNet, ResidualEncoderUNet, dynunet_from_plan,
-                                      dynunet_is_exact, network_from_plan, nnunet_state_dict, split_deep_supervision)
+                                      dynunet_is_exact, load_initial_weights, network_from_plan, nnunet_state_dict,
+                                      plain_from_plan, split_deep_supervision)
 from conftest import HIPPOCAMPUS_PLANS, ROOT
 
 # torch 2.13 deprecates TorchScript, which bundles still need; torch's own shape checks warn while tracing
@@ -322,6 +323,56 @@ def test_training_steps_reproduce_nnunets_own():
     after = nnunet_state_dict(fixture["training"]["state_dict_after"])
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, after[key], rtol=1e-4, atol=1e-6)
+
+
+ISOTROPIC = {"kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3,
+             "features_per_stage": [4, 8, 16, 16], "n_conv_per_stage": [2] * 4, "n_conv_per_stage_decoder": [2] * 3,
+             "conv_bias": True}
+
+
+def test_initial_weights_from_an_nnunet_checkpoint_into_dynunet(tmp_path):
+    """nnU-Net's PlainConvUNet (ours reproduces it, see above) saved as nnU-Net saves it, compiled: its weights
+    renamed into the DynUNet of the same plan give the same outputs, every head included."""
+    torch.manual_seed(1)
+    plain = plain_from_plan(ISOTROPIC, 2, 3)
+    weights = {f"_orig_mod.{k}": v for k, v in plain.state_dict().items()}
+    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer"}, tmp_path / "checkpoint_final.pth")
+    torch.manual_seed(2)
+    dyn = dynunet_from_plan(ISOTROPIC, 2, 3)
+    assert load_initial_weights(dyn, tmp_path / "checkpoint_final.pth") == []
+    x = torch.randn(2, 2, 16, 16, 16)
+    with torch.no_grad():
+        for ours, theirs in zip(dyn.train()(x), plain.train()(x)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dyn.eval()(x), plain.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_initial_weights_keep_heads_of_another_label_count(tmp_path):
+    """Fine-tuning onto other labels (nnU-Net's -pretrained_weights): every weight but the heads is loaded, the heads
+    keep their initialisation. A bundle's own model.pt (DynUNet, skip-layer aliases included) loads too."""
+    torch.manual_seed(1)
+    source = dynunet_from_plan(ISOTROPIC, 1, 3)
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(2)
+    target = dynunet_from_plan(ISOTROPIC, 1, 5)
+    heads_before = {k: v.clone() for k, v in target.state_dict().items() if "head" in k or "output_block" in k}
+    skipped = load_initial_weights(target, tmp_path / "model.pt")
+    assert sorted(skipped) == sorted(k for k in heads_before if not k.startswith("skip_layers"))
+    for key, value in target.state_dict().items():
+        expected = heads_before[key] if key in heads_before else source.state_dict()[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=0)
+
+
+def test_initial_weights_refuse_another_network(tmp_path):
+    torch.save(plain_from_plan(ISOTROPIC, 1, 3).state_dict(), tmp_path / "plain.pt")
+    wider = dict(ISOTROPIC, features_per_stage=[4, 8, 16, 32])
+    with pytest.raises(ValueError, match=r"plain\.pt: encoder\.stages\.3\.0\.convs\.0\.conv\.weight has shape"):
+        load_initial_weights(plain_from_plan(wider, 1, 3), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match=r"plain\.pt: weights of another network"):
+        load_initial_weights(tiny_resenc(), tmp_path / "plain.pt")
+    torch.save({"epoch": 3}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt: not a state dict"):
+        load_initial_weights(tiny_resenc(), tmp_path / "other.pt")
 
 
 def test_plain_unet_init_and_scripting():

@@ -175,6 +175,30 @@ def test_resume_continues_from_the_last_epoch(trained_3d):
 
 
 
+def test_training_starts_from_initial_weights(emitted, tmp_path):
+    """``--initial_weights`` (nnU-Net's -pretrained_weights) replaces the random initialisation: with a zero learning
+    rate the trained weights are exactly the given ones, whatever the seed."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle = shutil.copytree(emitted[2]["3d_fullres"], tmp_path / "bundle")
+    shutil.rmtree(bundle / "models", ignore_errors=True)
+    with bundle_on_path(bundle):
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs/train.json"))
+        parser["bundle_root"] = str(bundle)
+        torch.manual_seed(7)
+        weights = parser.get_parsed_content("network_def").state_dict()
+    torch.save({"network_weights": weights}, tmp_path / "checkpoint_final.pth")
+    result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", *FAST, "--seed", "3",
+                        "--initial_weights", tmp_path / "checkpoint_final.pth", "--learning_rate", "0")
+    assert "initial weights from" in result.stdout + result.stderr
+    trained = torch.load(bundle / "models/model.pt", weights_only=True)
+    assert trained.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(trained[key], value), key
+
+
 def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(emitted, tmp_path):
     """Data-loading workers live for the whole training (validation with half as many), as nnU-Net's augmenters do;
     cuDNN autotunes (nnU-Net's setting) unless ``deterministic`` is set."""
@@ -214,9 +238,11 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
 
 
 def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path, monkeypatch):
-    """The same worker processes serve every epoch, and none is left once training completes (before the final
-    validation), as nnU-Net's augmenters are ended in on_train_end. Each loader is iterated once for the whole run,
-    so its workers prepare the next epoch's (and the next validation's) batches instead of restarting at its start."""
+    """The same worker processes serve every epoch, from the first iteration (the validation worker too, forked
+    before training allocates memory that it would otherwise inherit), and none is left once training completes
+    (before the final validation), as nnU-Net's augmenters are started before the first epoch and ended in
+    on_train_end. Each loader is iterated once for the whole run, so its workers prepare the next epoch's (and the
+    next validation's) batches instead of restarting at its start."""
     import multiprocessing
 
     import torch
@@ -239,11 +265,12 @@ def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path, m
         parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content("train#trainer")
         seen = []
-        trainer.add_event_handler(Events.EPOCH_COMPLETED,
-                                  lambda e: seen.append(sorted(p.pid for p in multiprocessing.active_children())))
+        workers = lambda e: seen.append(sorted(p.pid for p in multiprocessing.active_children()))  # noqa: E731
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), workers)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, workers)
         trainer.run()
         loaders = [id(parser.get_parsed_content(f"{k}#dataloader")) for k in ("train", "validate")]
-    assert len(seen) == 2 and len(seen[0]) == 3 and seen[0] == seen[1]  # 2 training + 1 validation worker
+    assert len(seen) == 3 and len(seen[0]) == 3 and seen[0] == seen[1] == seen[2]  # 2 training + 1 validation
     assert sorted(passes) == sorted(loaders)  # one pass each over 2 epochs (2 each if restarted every epoch)
     assert multiprocessing.active_children() == []
     assert (bundle / "models/model.pt").is_file()

@@ -369,13 +369,17 @@ class RollingBatches:
 
     def __iter__(self):
         for _ in range(self.epoch_length):
-            if self._batches is None:
-                self._batches = iter(self.loader)
+            self.start()
             try:
                 yield next(self._batches)
             except StopIteration:
                 self._batches = iter(self.loader)
                 yield next(self._batches)
+
+    def start(self) -> None:
+        """Starts the loader's workers now (the first pass would otherwise start them)."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
 
     def release(self) -> None:
         """Ends the loader's workers; a later pass starts new ones."""

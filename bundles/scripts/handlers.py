@@ -2,7 +2,8 @@
 
 One handler so that resuming restores everything consistently: weights, optimizer, LR schedule, AMP scaler, epoch,
 the pseudo-Dice EMA, the best EMA so far and the loss history. Every file is written atomically, so an interrupted
-run resumes from the last completed epoch. ``ReleaseDataWorkers`` ends the persistent loader workers with training.
+run resumes from the last completed epoch. ``DataWorkers`` starts the persistent loader workers with training and
+ends them with it.
 """
 
 from __future__ import annotations
@@ -145,18 +146,29 @@ class TrainingProgress:
         os.replace(tmp, self.output_dir / "progress.json")
 
 
-class ReleaseDataWorkers:
-    """Ends the data loaders' persistent worker processes when training completes, as nnU-Net ends its augmenters
-    in ``on_train_end``: the final validation then runs without a dozen idle workers holding memory, and the
-    process does not leave them to interpreter shutdown."""
+class DataWorkers:
+    """Starts the validation loader's workers with training and ends every loader's workers when training completes,
+    as nnU-Net starts both augmenters before the first epoch and ends them in ``on_train_end``.
+
+    Workers are forked processes. One forked at the first validation would inherit the memory that training has
+    allocated by then, copy-on-write, and keep it as its own while training rewrites it (about 700 MB more on
+    Hippocampus on a CPU); forked at the start, it shares only the set-up. Ended with training, no idle workers
+    hold memory during the final validation, and the process does not leave them to interpreter shutdown.
+    """
 
     def __init__(self, loaders):
         self.loaders = loaders
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.COMPLETED, self.release)
 
-    def __call__(self, engine: Engine) -> None:
+    def start(self, engine: Engine) -> None:
+        for loader in self.loaders:
+            if isinstance(loader, RollingBatches):
+                loader.start()  # the trainer starts its own loader right after this event
+
+    def release(self, engine: Engine) -> None:
         for loader in self.loaders:
             if isinstance(loader, RollingBatches):
                 loader.release()

@@ -17,6 +17,7 @@ return one ``(B, C, *spatial)`` tensor. ``split_deep_supervision`` also accepts 
 """
 
 import itertools
+import logging
 from typing import List, Sequence, Union
 
 import torch
@@ -288,6 +289,78 @@ def _init_he(module: nn.Module) -> None:
 def nnunet_state_dict(state_dict: dict) -> dict:
     """An nnU-Net PlainConvUNet or ResidualEncoderUNet state dict without its duplicate aliases, loadable into ours."""
     return {k: v for k, v in state_dict.items() if ".all_modules." not in k and not k.startswith("decoder.encoder.")}
+
+
+def dynunet_state_dict(state_dict: dict, n_stages: int) -> dict:
+    """An nnU-Net PlainConvUNet state dict (``nnunet_state_dict`` form) renamed for the ``DynUNet`` of the same plan,
+    for plans where ``dynunet_is_exact`` holds. The conv-unit biases are left out: DynUNet has none, and the
+    InstanceNorm after each conv cancels a per-channel bias, so the outputs are unchanged. Keys it cannot place
+    are kept under their own names, so a caller's key check reports them."""
+    names = {}
+    blocks = ["input_block", *[f"downsamples.{i}" for i in range(n_stages - 2)], "bottleneck"]
+    blocks = [(f"encoder.stages.{i}.0.convs", block) for i, block in enumerate(blocks)]
+    for i in range(n_stages - 1):
+        names[f"decoder.transpconvs.{i}."] = f"upsamples.{i}.transp_conv.conv."
+        blocks.append((f"decoder.stages.{i}.convs", f"upsamples.{i}.conv_block"))
+    for source, block in blocks:
+        for j in (0, 1):
+            names[f"{source}.{j}.conv.weight"] = f"{block}.conv{j + 1}.conv.weight"
+            names[f"{source}.{j}.conv.bias"] = None
+            names[f"{source}.{j}.norm."] = f"{block}.norm{j + 1}."
+    names[f"decoder.seg_layers.{n_stages - 2}."] = "output_block.conv.conv."
+    for j in range(n_stages - 2):
+        names[f"decoder.seg_layers.{n_stages - 3 - j}."] = f"deep_supervision_heads.{j}.conv.conv."
+    out = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in names if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+        elif names[prefix] is not None:
+            out[names[prefix] + key[len(prefix):]] = value
+    return out
+
+
+_HEADS = ("decoder.seg_layers.", "output_block.", "deep_supervision_heads.")
+
+
+def load_initial_weights(network: nn.Module, path) -> List[str]:
+    """Start training from saved weights, like nnU-Net's ``-pretrained_weights``.
+
+    ``path`` holds a plain state dict (another bundle's ``models/model.pt``), a bundle's ``checkpoint_latest.pt`` or
+    an nnU-Net ``checkpoint_final.pth`` of the same architecture (renamed for DynUNet where the bundle uses it). Every
+    weight must fit except the segmentation heads. nnU-Net always leaves the heads out; here they load when they fit,
+    and heads for another label count keep their initialisation, so a model trained on other labels can be
+    fine-tuned. Returns the head keys left out. A resumed training replaces these weights with its checkpoint's.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict):
+        state = state.get("network_weights", state.get("network", state))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict, bundle checkpoint or nnU-Net checkpoint")
+    state = nnunet_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()})
+    net = network.module if hasattr(network, "module") else network
+    net = getattr(net, "_orig_mod", net)
+    if isinstance(net, DynUNet) and any(k.startswith("encoder.stages.") for k in state):
+        state = dynunet_state_dict(state, len(net.kernel_size))
+    own = dict(itertools.chain(net.named_parameters(), net.named_buffers()))  # without aliases (DynUNet's skips)
+    aliases = set(net.state_dict()) - set(own)
+    state = {k: v for k, v in state.items() if k not in aliases}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(_HEADS))
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights of another network: {len(missing)} of this network's weights missing "
+                         f"({', '.join(missing[:3])}), {len(unexpected)} unknown ({', '.join(unexpected[:3])})")
+    skipped = []
+    for key, value in state.items():
+        if key in own and value.shape != own[key].shape:
+            if not key.startswith(_HEADS):
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, this network's has "
+                                 f"{tuple(own[key].shape)}")
+            skipped.append(key)
+    net.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
+    logging.getLogger(__name__).info(f"initial weights from {path}" + (
+        f"; {len(skipped)} head weights of another label count keep their initialisation" if skipped else ""))
+    return skipped
 
 
 def _check_arch_kwargs(kw: dict) -> None:
