@@ -305,8 +305,9 @@ def test_training_steps_reproduce_nnunets_own():
     template = json.loads((ROOT / "bundles" / "templates" / "train.json").read_text())
     settings = {k: v for k, v in template["optimizer"].items() if k not in ("_target_", "params", "lr")}
     assert template["optimizer"]["_target_"] == "torch.optim.SGD"
-    net = PlainConvUNet(3, fixture["in_channels"], fixture["out_channels"], fixture["arch_kwargs"]["features_per_stage"],
-                        fixture["arch_kwargs"]["kernel_sizes"], fixture["arch_kwargs"]["strides"], 2, 2)
+    arch = fixture["arch_kwargs"]
+    net = PlainConvUNet(3, fixture["in_channels"], fixture["out_channels"], arch["features_per_stage"],
+                        arch["kernel_sizes"], arch["strides"], 2, 2)
     net.load_state_dict(nnunet_state_dict(fixture["state_dict"]), strict=True)
     loss_fn = NnUNetLoss(num_outputs=len(fixture["train_outputs"]))
     optimizer = torch.optim.SGD(net.parameters(), lr=template["learning_rate"], **settings)

@@ -331,6 +331,7 @@ def load_initial_weights(network: nn.Module, path) -> List[str]:
     weight must fit except the segmentation heads. nnU-Net always leaves the heads out; here they load when they fit,
     and heads for another label count keep their initialisation, so a model trained on other labels can be
     fine-tuned. Returns the head keys left out. A resumed training replaces these weights with its checkpoint's.
+    ``network`` is the plain module (the bundles pass ``network_def``, never a DDP or compiled wrapper).
     """
     state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict):
@@ -338,12 +339,11 @@ def load_initial_weights(network: nn.Module, path) -> List[str]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict, bundle checkpoint or nnU-Net checkpoint")
     state = nnunet_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()})
-    net = network.module if hasattr(network, "module") else network
-    net = getattr(net, "_orig_mod", net)
-    if isinstance(net, DynUNet) and any(k.startswith("encoder.stages.") for k in state):
-        state = dynunet_state_dict(state, len(net.kernel_size))
-    own = dict(itertools.chain(net.named_parameters(), net.named_buffers()))  # without aliases (DynUNet's skips)
-    aliases = set(net.state_dict()) - set(own)
+    if isinstance(network, DynUNet) and any(k.startswith("encoder.stages.") for k in state):
+        state = dynunet_state_dict(state, len(network.kernel_size))
+    # named_* list each tensor once: DynUNet's skip_layers aliases are left out
+    own = dict(itertools.chain(network.named_parameters(), network.named_buffers()))
+    aliases = set(network.state_dict()) - set(own)
     state = {k: v for k, v in state.items() if k not in aliases}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(_HEADS))
@@ -357,7 +357,7 @@ def load_initial_weights(network: nn.Module, path) -> List[str]:
                 raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, this network's has "
                                  f"{tuple(own[key].shape)}")
             skipped.append(key)
-    net.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
+    network.load_state_dict({k: v for k, v in state.items() if k in own and k not in skipped}, strict=False)
     logging.getLogger(__name__).info(f"initial weights from {path}" + (
         f"; {len(skipped)} head weights of another label count keep their initialisation" if skipped else ""))
     return skipped
