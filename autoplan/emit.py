@@ -175,14 +175,15 @@ Training resumes from `models/checkpoint_latest.pt` when interrupted. Outputs: `
 used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
 the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
 `../preprocessed/` (shared by the folds; override `--cache_dir`). `--num_workers N` sets the data-loading processes
-(default nnU-Net's 12, capped at the cores available; validation uses half). On a GPU, cuDNN picks its fastest
-kernels and batches are taken in the order the workers finish them, as in nnU-Net; `--deterministic True` makes GPU
-runs repeatable at some cost in speed. `--compile True` runs the network through `torch.compile` (nnU-Net's default
-on CUDA; off here because it did not speed up a small dataset). `--log_interval N` logs the training loss every N
-iterations (default 10). `--seed N` changes the random seed (default 12345). `--initial_weights PATH` starts from
-saved weights instead of a random initialisation (nnU-Net's `-pretrained_weights`): another bundle's `model.pt` or an
-nnU-Net `checkpoint_final.pth` of the same architecture; segmentation heads for another label count keep their own
-initialisation, so a model trained on other labels can be fine-tuned.
+(default nnU-Net's 12, capped at the cores available; validation uses half of them, at least one). On a GPU, cuDNN
+picks its fastest kernels and batches are taken in the order the workers finish them, as in nnU-Net;
+`--deterministic True` makes GPU runs repeatable at some cost in speed. `--compile True` runs the network through
+`torch.compile` (nnU-Net's default on CUDA; off here because it did not speed up a small dataset).
+`--log_interval N` logs the training loss every N iterations (default 10). `--seed N` changes the random seed (default 12345).
+`--initial_weights PATH` starts from saved weights instead of a random initialisation (nnU-Net's
+`-pretrained_weights`): another bundle's `model.pt` or an nnU-Net `checkpoint_final.pth` of the same architecture;
+segmentation heads for another label count keep their own initialisation, so a model trained on other labels can be
+fine-tuned.
 
 ## Infer
 

@@ -77,8 +77,10 @@ def dice_table(summary: dict) -> dict:
 
 
 def initial_weights(args, work: Path, raw: Path, name: str, plans_file, fp_file, venv_dir: Path) -> Path | None:
-    """One freshly initialised nnU-Net network for both systems, as ``work/initial_weights.pth``; None on failure."""
-    root = work / "nnunet_init"
+    """One freshly initialised nnU-Net network for both systems, as ``work/initial_weights.pth``; None on failure.
+    It is drawn in the nnU-Net folders that the training uses (as plain ``nnUNetTrainer``, whose results folder the
+    budgeted trainer does not share)."""
+    root = work / "nnunet"
     bu.setup_nnunet_folders(root, raw, plans_file, fp_file)
     m = bu.run_driver(venv_bin(venv_dir, "python"), "nnunet_driver.py",
                       ["make-checkpoint", "--dataset", name, "--configuration", args.configuration, "--fold", args.fold,

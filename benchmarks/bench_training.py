@@ -10,7 +10,9 @@ On one dataset (default ``../shared/data/Dataset004_Hippocampus``), one configur
    cache build (``scripts.data.preprocess_to_cache``, what the bundle's training does on first use, P workers).
 2. Data pipeline alone: batches per second of ``next()`` on nnU-Net's ``get_dataloaders()`` augmenter
    (``nnUNet_n_proc_DA`` = W workers) and on the bundle's ``train#dataloader`` (``num_workers`` = W), same batch
-   size (the plan's), after a warm-up that drains their prefetch queues.
+   size (the plan's), after a warm-up that drains their prefetch queues. Both validation loaders run beside them
+   (W // 2 workers, at least 1), as in training. W is not capped at the core count in either system (nnU-Net's
+   driver lifts nnU-Net's cap, see ``nnunet_driver.py``), so both run the same processes.
 3. The loaders across epochs: both systems' training and validation loaders consumed as their training loops
    consume them (nnU-Net: ``run_training()``'s order; ours: ignite engines over the loaders the bundle's trainer
    and evaluator are given), ``--loop-epochs`` epochs of ``--loop-batches`` training batches, each followed by
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=10, help="timed training iterations (default 10)")
     ap.add_argument("--warmup", type=int, default=2, help="training iterations discarded first (default 2)")
     ap.add_argument("--breakdown", type=int, default=3, help="extra iterations split into parts (default 3)")
-    ap.add_argument("--loader-batches", type=int, default=40, help="timed data-loader batches (default 40)")
+    ap.add_argument("--loader-batches", type=int, default=150, help="timed data-loader batches (default 150)")
     ap.add_argument("--loader-warmup", type=int, default=8, help="data-loader batches discarded (default 8)")
     ap.add_argument("--loop-epochs", type=int, default=4,
                     help="epochs of the loader loop with simulated steps (default 4; 0 or 1 skips it)")
@@ -236,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 2. data loader alone --------------------------------------------------------------------------------------
     def loader_done(tool, m):
         m["batches_per_s"] = m["result"]["batches_per_s"]
-        print(f"{tool} dataloader: {m['batches_per_s']:.2f} batches/s, peak PSS {m['peak_pss_mb']:.0f} MB "
+        m["train_workers"], m["val_workers"] = m["result"]["workers"]
+        print(f"{tool} dataloader: {m['batches_per_s']:.2f} batches/s, peak PSS {m['peak_pss_mb']:.0f} MB, "
+              f"workers {m['train_workers']} + {m['val_workers']} validation "
               f"(foreign CPU {m['foreign_cpu_fraction']:.0%})", flush=True)
 
     loaders = measured_runs("dataloader", ["--warmup", args.loader_warmup, "--batches", args.loader_batches],
@@ -307,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         ("  ours in-process s (excl. interpreter start)", get("preprocessing", "ours", "best", "result", "seconds"),
          None, ".1f"),
         both("preprocessing peak PSS MB", "preprocessing", "peak_pss_mb_max", spec=".0f"),
+        both("data-loading workers, training", "dataloader", "best", "train_workers", spec="d"),
+        both("data-loading workers, validation", "dataloader", "best", "val_workers", spec="d"),
         both("dataloader batches/s", "dataloader", "best", "batches_per_s"),
         both("dataloader peak PSS MB", "dataloader", "peak_pss_mb_max", spec=".0f"),
         both("epoch loop: s per epoch beyond its steps", "epoch_loop", "best", "result", "overhead_s", "median",

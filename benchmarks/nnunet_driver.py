@@ -1,5 +1,5 @@
 """Driver run INSIDE nnU-Net 2.8.1's venv by the benchmarks (never imported by autoplan; imports only nnU-Net, torch,
-numpy and the standard library). It uses nnU-Net's own classes, unmodified:
+numpy and the standard library). It uses nnU-Net's own classes, unmodified (one setting aside, see below):
 
 * ``train-steps``: ``nnUNetTrainer(plans, configuration, fold, dataset_json, device)``, ``on_train_start()``, then
   times ``next(dataloader_train)`` and ``train_step(batch)`` separately for warm-up + timed iterations, and finally a
@@ -19,6 +19,11 @@ numpy and the standard library). It uses nnU-Net's own classes, unmodified:
 
 ``nnUNet_raw``, ``nnUNet_preprocessed``, ``nnUNet_results`` must be set by the caller; ``BENCH_THREADS`` sets torch's
 thread count (``nnUNetv2_train -device cpu`` uses all cores). Every subcommand writes its figures to ``--result``.
+
+One change to nnU-Net's behaviour: ``get_allowed_n_proc_DA()`` caps ``nnUNet_n_proc_DA`` at ``os.cpu_count()``, so
+on a 2-core machine "12 workers" would silently be 2 (and 1 validation worker) while the bundle runs 12 (and 6).
+The benchmarks give both systems the same worker count, so the drivers take ``nnUNet_n_proc_DA`` as it is (as nnU-Net
+itself does wherever the cores suffice, e.g. 12 workers on a 16-core GPU machine) and report the counts they ran.
 """
 
 from __future__ import annotations
@@ -35,6 +40,19 @@ import numpy as np
 import torch
 import benchutil as bu
 from treemem import TreeMemoryMonitor, cuda_peak_mb
+
+
+def _workers_as_asked() -> None:
+    """Lets ``nnUNet_n_proc_DA`` exceed the core count (see the module docstring)."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    if "nnUNet_n_proc_DA" in os.environ:
+        trainer_module.get_allowed_n_proc_DA = lambda: int(os.environ["nnUNet_n_proc_DA"])
+
+
+def _worker_counts(*loaders) -> list:
+    """Worker processes of each augmenter (0 for a single-threaded one)."""
+    return [getattr(dl, "num_processes", 0) for dl in loaders]
 
 
 def _preprocessed(dataset: str) -> Path:
@@ -117,7 +135,7 @@ def cmd_train_steps(args) -> dict:
     return {"setup_s": setup_s, "warmup": args.warmup, "data_s": data_s, "step_s": step_s,
             "step_cpu_s": step_cpu_s, "losses": losses,
             "breakdown": breakdown, "batch_shapes": shapes, "batch_size": tr.batch_size, "threads": threads,
-            "n_proc_da": os.environ.get("nnUNet_n_proc_DA"), "network": type(tr.network).__name__,
+            "workers": _worker_counts(tr.dataloader_train, tr.dataloader_val), "network": type(tr.network).__name__,
             "n_parameters": n_params, "memory_by_phase": memory.stop(), **cuda_peak_mb(tr.device),
             "split_file": str(_preprocessed(args.dataset) / "splits_final.json")}
 
@@ -144,7 +162,7 @@ def cmd_dataloader(args) -> dict:
     _finish(dl_tr, dl_val)
     return {"setup_s": setup_s, "warmup": args.warmup, "batches": args.batches, "total_s": total,
             "batches_per_s": args.batches / total, "next_s": times, "batch_shapes": shapes,
-            "batch_size": tr.batch_size, "workers": os.environ.get("nnUNet_n_proc_DA"), "threads": threads,
+            "batch_size": tr.batch_size, "workers": _worker_counts(dl_tr, dl_val), "threads": threads,
             "num_cached": getattr(dl_tr, "num_cached", None)}
 
 
@@ -168,7 +186,7 @@ def cmd_epochs(args) -> dict:
         record["epoch_s"] = time.perf_counter() - start
         epochs.append(record)
     _finish(dl_tr, dl_val)
-    return {**bu.epoch_loop_result(args, epochs), "workers": os.environ.get("nnUNet_n_proc_DA"), "threads": threads}
+    return {**bu.epoch_loop_result(args, epochs), "workers": _worker_counts(dl_tr, dl_val), "threads": threads}
 
 
 def cmd_make_checkpoint(args) -> dict:
@@ -305,6 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--val-iterations", type=int, required=True)
     p.add_argument("--initial-weights", default=None, help="checkpoint whose network_weights start the training")
     args = ap.parse_args(argv)
+    _workers_as_asked()
     fn = {"train-steps": cmd_train_steps, "dataloader": cmd_dataloader, "epochs": cmd_epochs,
           "make-checkpoint": cmd_make_checkpoint,
           "predict": cmd_predict, "train": cmd_train}[args.command]

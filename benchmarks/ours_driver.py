@@ -7,9 +7,10 @@
   spatial (affine) augmentation, which makes ``DataLoader``'s collation fail (see ``--label-float``).
 * ``train-steps``: ``train#trainer`` (MONAI's ``SupervisedTrainer``, the bundle's network/loss/optimizer/dataloader,
   after the config's ``initialize`` list) run for warm-up + timed iterations with the train handlers removed (no
-  validation, checkpoints, TensorBoard); data time (get-batch events) and step time (iteration events) are recorded
+  validation, checkpoints, TensorBoard; the validation loader's workers are started, as in training); data time (get-batch events) and step time (iteration events) are recorded
   per iteration; then a few iterations split into forward / loss / backward / optimizer (with the clip hook).
-* ``dataloader``: batches per second of ``train#dataloader`` alone.
+* ``dataloader``: batches per second of ``train#dataloader`` alone (the validation loader's workers started too, as
+  nnU-Net's ``get_dataloaders()`` starts both augmenters).
 * ``epochs``: the loaders the bundle's trainer and evaluator are given (``train#trainer#train_data_loader``,
   ``validate#evaluator#val_data_loader``), driven by ignite engines whose steps are sleeps, validation after every
   epoch: what the loaders cost the training loop at epoch starts and validations.
@@ -147,6 +148,19 @@ def _shapes(batch) -> dict:
     return {k: list(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
+def _start_validation_workers(parser):
+    """Starts the validation loader's workers, as the bundle's training does at its start (and nnU-Net's
+    ``get_dataloaders()``), so that both systems' measurements hold the same processes."""
+    batches = parser.get_parsed_content("validate#batches")
+    batches.start()
+    return batches
+
+
+def _worker_counts(parser) -> list:
+    """Worker processes of the training and the validation loader."""
+    return [parser.get_parsed_content(f"{k}#dataloader").num_workers for k in ("train", "validate")]
+
+
 def cmd_train_steps(args) -> dict:
 
     bundle = _enter_bundle(args.bundle)
@@ -166,7 +180,9 @@ def cmd_train_steps(args) -> dict:
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.warmup) if args.warmup else Events.STARTED,
                               lambda engine: memory.phase("timed"))
+    validation = _start_validation_workers(parser)
     trainer.run()
+    validation.release()
     memory.phase("breakdown")
     network, loss_fn, optimizer = (parser.get_parsed_content(k) for k in ("network", "loss", "optimizer"))
     device = torch.device(args.device)
@@ -206,8 +222,8 @@ def cmd_train_steps(args) -> dict:
     return {"setup_s": setup_s, "warmup": args.warmup, "data_s": timer.data, "step_s": timer.step,
             "step_cpu_s": timer.step_cpu, "iteration_s": timer.total, "losses": timer.losses,
             "breakdown": breakdown, "batch_shapes": shapes,
-            "batch_size": parser.get_parsed_content("batch_size"), "threads": threads, "workers": args.workers,
-            "label_float": args.label_float, "network": type(network).__name__,
+            "batch_size": parser.get_parsed_content("batch_size"), "threads": threads,
+            "workers": _worker_counts(parser), "label_float": args.label_float, "network": type(network).__name__,
             "n_parameters": sum(p.numel() for p in network.parameters()),
             "decollate": decollate, "memory_by_phase": memory.stop(), **cuda_peak_mb(device)}
 
@@ -219,6 +235,7 @@ def cmd_dataloader(args) -> dict:
     parser = _train_parser(bundle, overrides, args.label_float)
     t0 = time.perf_counter()
     loader = parser.get_parsed_content("train#dataloader")
+    validation = _start_validation_workers(parser)
     it = iter(loader)
     batch = next(it)  # as nnU-Net's get_dataloaders() draws one batch before returning
     setup_s = time.perf_counter() - t0
@@ -233,9 +250,11 @@ def cmd_dataloader(args) -> dict:
     total = time.perf_counter() - t_start
     shapes = _shapes(batch)
     del it
+    validation.release()
     return {"setup_s": setup_s, "warmup": args.warmup, "batches": args.batches, "total_s": total,
             "batches_per_s": args.batches / total, "next_s": times, "batch_shapes": shapes,
-            "batch_size": parser.get_parsed_content("batch_size"), "workers": args.workers, "threads": threads,
+            "batch_size": parser.get_parsed_content("batch_size"), "workers": _worker_counts(parser),
+            "threads": threads,
             "prefetch_factor": getattr(loader, "prefetch_factor", None), "label_float": args.label_float}
 
 
@@ -273,7 +292,7 @@ def cmd_epochs(args) -> dict:
 
     DataWorkers([train_data, val_data]).attach(trainer)
     trainer.run(train_data, max_epochs=args.epochs, epoch_length=args.batches_per_epoch)
-    return {**bu.epoch_loop_result(args, epochs), "workers": args.workers, "threads": threads,
+    return {**bu.epoch_loop_result(args, epochs), "workers": _worker_counts(parser), "threads": threads,
             "label_float": args.label_float}
 
 

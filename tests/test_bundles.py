@@ -277,7 +277,8 @@ def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path, m
 
 
 def test_engine_defaults_twelve_workers_and_compile_on_request(emitted):
-    """nnU-Net's 12 data-augmentation workers, capped at the usable cores. ``torch.compile`` is off by default (it
+    """nnU-Net's 12 data-augmentation workers, capped at the usable cores, and its validation share of them
+    (``max(1, W // 2)``; none when the training loads in-process). ``torch.compile`` is off by default (it
     did not speed up Hippocampus on an H100, see the README); ``--compile True`` hands the network to both engines
     compiled, and the state dict stays the plain module's."""
     import torch
@@ -289,6 +290,10 @@ def test_engine_defaults_twelve_workers_and_compile_on_request(emitted):
         parser.read_config(str(bundle / "configs/train.json"))
         parser["bundle_root"] = str(bundle)
         assert parser.get_parsed_content("num_workers") == min(12, len(os.sched_getaffinity(0)))
+        for workers, validation in ((0, 0), (1, 1), (2, 1), (3, 1), (5, 2), (12, 6)):
+            parser["num_workers"] = workers
+            parser.parse()
+            assert parser.get_parsed_content("validate#dataloader#num_workers") == validation
         assert parser.get_parsed_content("compile") is False
         plain = parser.get_parsed_content("train#trainer").network
         assert not isinstance(plain, torch._dynamo.eval_frame.OptimizedModule)
