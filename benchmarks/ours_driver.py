@@ -7,8 +7,9 @@
   spatial (affine) augmentation, which makes ``DataLoader``'s collation fail (see ``--label-float``).
 * ``train-steps``: ``train#trainer`` (MONAI's ``SupervisedTrainer``, the bundle's network/loss/optimizer/dataloader,
   after the config's ``initialize`` list) run for warm-up + timed iterations with the train handlers removed (no
-  validation, checkpoints, TensorBoard; the validation loader's workers are started, as in training); data time (get-batch events) and step time (iteration events) are recorded
-  per iteration; then a few iterations split into forward / loss / backward / optimizer (with the clip hook).
+  validation, checkpoints, TensorBoard; the validation loader's workers are started, as in training); data time
+  (get-batch events) and step time (iteration events) are recorded per iteration; then a few iterations split into
+  forward / loss / backward / optimizer (with the clip hook).
 * ``dataloader``: batches per second of ``train#dataloader`` alone (the validation loader's workers started too, as
   nnU-Net's ``get_dataloaders()`` starts both augmenters).
 * ``epochs``: the loaders the bundle's trainer and evaluator are given (``train#trainer#train_data_loader``,
