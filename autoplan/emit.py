@@ -3,7 +3,8 @@
 The structure of every config lives in ``bundles/templates``; this module fills in the plan-specific top-level ids
 (patch size, batch size, cases of the fold, augmentation settings derived from the plan as nnU-Net derives them),
 copies the runtime ``bundles/scripts`` into the bundle and writes metadata and docs. A bundle never imports
-``autoplan``, and every path in it is relative to ``bundle_root`` except ``dataset_dir``, which is an override.
+``autoplan`` and holds no path of the emitting machine: every path is relative to ``bundle_root``, and the dataset is
+found at run time (``scripts.data.find_dataset``) or given with ``--dataset_dir``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import shutil
 from pathlib import Path
 
 from autoplan.dataset import DatasetError, load_dataset, parse_labels
-from autoplan.files import atomic_folder, write_json_atomic
+from autoplan.files import atomic_folder, write_json_atomic, write_text_atomic
 from autoplan.splits import fold_cases, kfold_splits, load_splits
-from bundles.scripts.data import initial_patch_size
+from bundles.scripts.data import DATASET_RECORD, initial_patch_size
 from bundles.scripts.preprocessing import resolve_configuration
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 TEMPLATES = BUNDLES / "templates"
 SCRIPTS = BUNDLES / "scripts"
 BUNDLE_VERSION = "0.1.0"
-SUPPORTED = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+PLAN_KEYS = ("patch_size", "spacing", "batch_size", "batch_dice", "architecture", "normalization_schemes")
 
 
 def augmentation_settings(patch_size: list[int]) -> dict:
@@ -39,18 +40,24 @@ def augmentation_settings(patch_size: list[int]) -> dict:
     return {"two_d": two_d, "dummy_2d": dummy_2d, "rotation": rotation, "mirror_axes": mirror_axes}
 
 
-def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fold, train: list, val: list,
+def bundle_values(plans: dict, configuration: str, spec: dict, fold, train: list, val: list,
                   num_folds: int = 5) -> dict:
-    """The top-level ids shared by train.json and inference.json for one bundle."""
+    """The plan-specific top-level ids of train.json and inference.json for one bundle (everything else, the
+    cascade's wiring included, is in the templates)."""
     config = resolve_configuration(plans, configuration)
+    missing = [k for k in PLAN_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"plans: configuration '{configuration}' lacks {', '.join(missing)} (after inherits_from)")
     labels = parse_labels(spec["labels"], spec.get("regions_class_order"))
     patch = [int(p) for p in config["patch_size"]]
     augmentation = augmentation_settings(patch)
     num_channels = len(spec.get("channel_names", spec.get("modality", {})))
     previous = config.get("previous_stage")
     return {
-        "dataset_dir": str(raw_dir.resolve()),
+        "dataset_name": plans["dataset_name"],
         "configuration": configuration,
+        "previous_stage": previous,
+        "num_folds": num_folds,
         "fold": fold,
         "train_cases": train,
         "val_cases": val,
@@ -66,10 +73,6 @@ def bundle_values(plans: dict, configuration: str, spec: dict, raw_dir: Path, fo
         "batch_size": int(config["batch_size"]),
         "batch_dice": bool(config["batch_dice"]),
         "ds_outputs": config["architecture"]["arch_kwargs"]["n_stages"] - 1,
-        # cascade: the previous stage's cross-validation predictions, from its sibling fold bundles
-        "previous_stage_dirs": None if not previous else (
-            f"$[os.path.join(@bundle_root, '..', '{plans['dataset_name']}_{previous}_fold' + str(k), 'eval', "
-            f"'validation') for k in range({num_folds})]"),
         **augmentation,
     }
 
@@ -136,16 +139,35 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
     }
 
 
-def _readme(name: str, spec: dict, plans: dict, configuration: str, values: dict) -> str:
+SETTINGS_SKIPPED = ("imports", "labels", "train_cases", "val_cases", "plans")
+
+
+def _settings_table(config: dict) -> str:
+    """Every top-level id holding a plain value, as the config holds it: the bundle's overridable settings."""
+    rows = [f"| `{k}` | `{json.dumps(v)}` |" for k, v in config.items()
+            if k not in SETTINGS_SKIPPED and not isinstance(v, dict) and not (isinstance(v, str) and v[:1] in "$@%")
+            and not (isinstance(v, list) and any(isinstance(x, (dict, str)) for x in v))]
+    return "\n".join(["| id | value |", "|---|---|", *rows])
+
+
+def _readme(name: str, spec: dict, plans: dict, configuration: str, train: dict, inference: dict) -> str:
+    """The bundle's docs, written from the values its configs hold (so an edited template cannot leave them stale)."""
     config = resolve_configuration(plans, configuration)
     kw = config["architecture"]["arch_kwargs"]
     network = config["architecture"]["network_class_name"].rsplit(".", 1)[-1]
     spacing = " x ".join(f"{s:.3g}" for s in config["spacing"])
+    optimizer = train["optimizer"]["_target_"].rsplit(".", 1)[-1]
+    loss = train["loss_component"]["_target_"].rsplit(".", 1)[-1]
+    inferer = inference["inferer"]
+    cascade = (f" The previous stage's (`{train['previous_stage']}`) prediction of each case is appended as one-hot "
+               "channels: in training the cross-validation predictions of its sibling fold bundles, at inference "
+               "the file `CASE" + train["file_ending"] + "` in `previous_stage_dir` (default `eval/previous_stage/`)."
+               if train["previous_stage"] else "")
     return f"""# {name}
 
 A MONAI Bundle emitted by autoplan: nnU-Net v2's `{configuration}` configuration of
-`{plans['dataset_name']}`, cross-validation fold {values['fold']} ({len(values['train_cases'])} training cases,
-{len(values['val_cases'])} validation cases).
+`{plans['dataset_name']}`, cross-validation fold {train['fold']} ({len(train['train_cases'])} training cases,
+{len(train['val_cases'])} validation cases).
 
 ## The dataset
 {spec.get('description', spec.get('name', ''))}
@@ -157,11 +179,19 @@ Labels: {', '.join(f"{k} = {v}" for k, v in spec['labels'].items())}. Licence: {
 Images are transposed by {plans['transpose_forward']}, cropped to their non-zero region, normalized per channel
 ({', '.join(config['normalization_schemes'])}) and resampled to {spacing} mm. The network
 ({network}, {kw['n_stages']} stages, features {kw['features_per_stage']}) sees patches of
-{' x '.join(map(str, values['patch_size']))} voxels, {values['batch_size']} per batch, with deep supervision and
-Dice + cross-entropy loss{' (batch Dice)' if values['batch_dice'] else ''}. Training follows nnU-Net: SGD (lr 0.01,
-Nesterov momentum 0.99, weight decay 3e-5) with poly decay, 1000 epochs of 250 iterations, one third of each batch
-centred on foreground, nnU-Net's augmentation{' (dummy 2-D: in-plane rotation)' if values['dummy_2d'] else ''}.
-Inference uses a sliding window (overlap 0.5, Gaussian weighting) with mirroring test-time augmentation.
+{' x '.join(map(str, train['patch_size']))} voxels, {train['batch_size']} per batch, with deep supervision and
+`{loss}` loss{' (batch Dice)' if train['batch_dice'] else ''}. Training: {optimizer} (lr {train['learning_rate']},
+momentum {train['momentum']}{', Nesterov' if train['nesterov'] else ''}, weight decay {train['weight_decay']}) with
+poly decay (power {train['poly_power']}), gradient norm clipped at {train['grad_clip_norm']}, {train['epochs']} epochs
+of {train['iterations_per_epoch']} iterations, {train['oversample_foreground_percent']:.0%} of each batch centred on
+foreground, nnU-Net's augmentation{' (dummy 2-D: in-plane rotation)' if train['dummy_2d'] else ''}.{cascade}
+Inference uses a sliding window (overlap {inferer['overlap']}, {inferer['mode']} weighting) with mirroring
+test-time augmentation over axes {inference['mirror_axes']}.
+
+## Data
+Bundles hold no path of the machine that made them. Without `--dataset_dir`, a bundle looks for its dataset in the
+folder named by `../dataset_dir.txt` (written by `autoplan emit` beside the bundles), then in
+`$nnUNet_raw/{plans['dataset_name']}`; elsewhere, pass `--dataset_dir /path/to/{plans['dataset_name']}`.
 
 ## Train
 From this folder:
@@ -174,30 +204,28 @@ From this folder:
 Training resumes from `models/checkpoint_latest.pt` when interrupted. Outputs: `models/model.pt` (final weights,
 used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
 the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
-`../preprocessed/` (shared by the folds; override `--cache_dir`). `--num_workers N` sets the data-loading processes
-(default nnU-Net's 12, capped at the cores available; validation uses half of them, at least one). On a GPU, cuDNN
-picks its fastest kernels and batches are taken in the order the workers finish them, as in nnU-Net;
-`--deterministic True` makes GPU runs repeatable at some cost in speed. `--compile True` runs the network through
-`torch.compile` (nnU-Net's default on CUDA; off here because it did not speed up a small dataset).
-`--log_interval N` logs the training loss every N iterations (default 10). `--seed N` changes the random seed (default 12345).
-`--initial_weights PATH` starts from saved weights instead of a random initialisation (nnU-Net's
-`-pretrained_weights`): another bundle's `model.pt` or an nnU-Net `checkpoint_final.pth` of the same architecture;
-segmentation heads for another label count keep their own initialisation, so a model trained on other labels can be
-fine-tuned.
+`../preprocessed/` (shared by the folds; override `--cache_dir`). `--initial_weights PATH` starts from saved weights
+(another bundle's `model.pt` or an nnU-Net `checkpoint_final.pth` of the same architecture). The loss is
+`loss_component` wrapped in deep supervision: replace it with any MONAI loss through an extra config file.
+
+## Settings
+Each id below can be overridden on the command line (`--ID VALUE`); these are the values in `configs/train.json`.
+
+{_settings_table(train)}
 
 ## Infer
 
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir /path/to/imagesTs --output_dir out
 
 `--use_tta False` disables mirroring; `--save_probabilities True` also writes `CASE.npz` for ensembling. Inputs are
-folders of `CASE_XXXX{values['file_ending']}` files (one per channel), or a single image file.
+folders of `CASE_XXXX{train['file_ending']}` files (one per channel), or a single image file.
 
 ## Deploy
 `configs/inference.json` has the standard ids (`network_def`, `preprocessing`, `inferer`, `postprocessing`) and
 `configs/metadata.json` the `image`/`pred` formats, so MONAI Label can serve the bundle from its `model/` folder and
 MONAI Deploy's bundle operator can load it. `python -m monai.bundle ckpt_export network_def --filepath models/model.ts
 --ckpt_file models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json --use_trace True
---input_shape "[1, {values['num_channels']}, {', '.join(map(str, values['patch_size']))}]"` writes a TorchScript model.
+--input_shape "[1, {train['in_channels']}, {', '.join(map(str, train['patch_size']))}]"` writes a TorchScript model.
 """
 
 
@@ -220,35 +248,6 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 """
 
 
-def _cascade(train: dict, inference: dict) -> None:
-    """The cascade's extra input: the previous stage's prediction travels as ``prev`` (spatially augmented like a
-    label) and becomes one-hot channels of the image at the end of the pipeline, randomly perturbed in training
-    (spec 5.4 row 13)."""
-    to_channels = {"_target_": "scripts.data.PreviousStageToChannelsd", "keys": "prev", "image_key": "image",
-                   "labels": "@foreground_labels"}
-    for stage in ("train", "validate"):
-        train[stage]["datalist"] = (f"$scripts.data.with_previous_stage({train[stage]['datalist'][1:]}, "
-                                    "@previous_stage_dirs, @file_ending)")
-        transforms = train[stage]["preprocessing"]["transforms"]
-        for t in transforms:
-            if t["_target_"] == "scripts.augmentation.NnUNetSpatiald":
-                t["keys"] = ["image", "label", "prev"]
-                t["mode"] = ["bilinear", "labels", "labels"]
-            if t["_target_"] == "RandFlipd":
-                t["keys"] = ["image", "label", "prev"]
-        transforms.insert(len(transforms) - 1, to_channels)
-        if stage == "train":
-            transforms.insert(len(transforms) - 1, {"_target_": "scripts.augmentation.CascadeMorphologyd",
-                                                    "keys": "image", "num_channels": "$len(@foreground_labels)"})
-    inference["previous_stage_dir"] = "$@bundle_root + '/eval/previous_stage'"
-    inference["datalist"] = ("$scripts.data.with_previous_stage(scripts.data.list_cases(@dataset_dir, @file_ending, "
-                             "@num_channels) if os.path.isdir(@dataset_dir) else [{'image': @dataset_dir}], "
-                             "[@previous_stage_dir], @file_ending)")
-    load, preprocess = inference["preprocessing"]["transforms"][:2]
-    load["keys"] = ["image", "prev"]
-    preprocess.update(previous_key="prev", foreground_labels="@foreground_labels")
-
-
 def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: str, values: dict) -> Path:
     """Write one bundle folder atomically: built in a temp folder, then renamed into place."""
     target = out / name
@@ -258,12 +257,8 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
         configs = tmp / "configs"
         configs.mkdir()
         train = _with_values(_template("train.json"), values)
-        infer_keys = set(_template("inference.json")) | {"foreground_labels"}
-        infer_values = {k: v for k, v in values.items() if k in infer_keys}
-        infer_values["dataset_dir"] = str(Path(values["dataset_dir"]) / "imagesTs")
-        inference = _with_values(_template("inference.json"), infer_values)
-        if values["previous_stage_dirs"]:
-            _cascade(train, inference)
+        inference_template = _template("inference.json")
+        inference = _with_values(inference_template, {k: v for k, v in values.items() if k in inference_template})
         (configs / "train.json").write_text(json.dumps(train, indent=4))
         (configs / "inference.json").write_text(json.dumps(inference, indent=4))
         for extra in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
@@ -274,7 +269,7 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
                                                           indent=4))
         shutil.copytree(SCRIPTS, tmp / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / "docs").mkdir()
-        (tmp / "docs" / "README.md").write_text(_readme(name, spec, plans, configuration, values))
+        (tmp / "docs" / "README.md").write_text(_readme(name, spec, plans, configuration, train, inference))
         if spec.get("licence") or spec.get("license"):
             (tmp / "docs" / "data_license.txt").write_text(str(spec.get("licence") or spec.get("license")) + "\n")
         (tmp / "LICENSE").write_text(MIT_LICENSE)
@@ -293,21 +288,21 @@ def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), s
         raise DatasetError([f"{dataset.json_path}: region-based labels are not supported by the bundles yet"])
     case_ids = [c.identifier for c in dataset.cases]
     available = list(plans["configurations"])
-    configurations = list(configurations or [c for c in available if c in SUPPORTED])
+    configurations = list(configurations or available)
     for c in configurations:
         if c not in available:
             raise ValueError(f"{plans_file}: has no configuration '{c}' (has {', '.join(available)})")
-        if c not in SUPPORTED:
-            raise ValueError(f"configuration '{c}' is not supported by the bundles yet (supported: {SUPPORTED})")
     folds = [folds] if isinstance(folds, (int, str)) else list(folds)
     splits_path = Path(splits_file) if splits_file else raw_dir / "splits_final.json"
     splits = load_splits(splits_path, case_ids) if splits_path.is_file() else kfold_splits(case_ids)
     write_json_atomic(out / "splits_final.json", splits)
+    # where this machine keeps the dataset: beside the bundles, never inside them (see scripts.data.find_dataset)
+    write_text_atomic(out / DATASET_RECORD, f"{raw_dir.resolve()}\n")
     written = []
     for configuration in configurations:
         for fold in folds:
             train, val = fold_cases(splits, fold, case_ids)
-            values = bundle_values(plans, configuration, dataset.spec, raw_dir, fold, train, val, len(splits))
+            values = bundle_values(plans, configuration, dataset.spec, fold, train, val, len(splits))
             name = f"{plans['dataset_name']}_{configuration}_fold{fold}"
             written.append(write_bundle(out, name, plans, dataset.spec, configuration, values))
     return written

@@ -10,7 +10,7 @@ import torch
 from autoplan.emit import augmentation_settings
 from bundles.scripts.data import PatchDataset, initial_patch_size
 from bundles.scripts.inference import NnUNetInferer
-from bundles.scripts.losses import DiceCELoss, deep_supervision_weights
+from bundles.scripts.losses import NnUNetDiceCE, deep_supervision_weights
 from bundles.scripts.metrics import PseudoDice
 from bundles.scripts.preprocessing import (PlanSettings, from_nnunet_order, logits_to_original, normalize,
                                            preprocess_case, to_nnunet_order)
@@ -155,7 +155,7 @@ def test_loss_ignores_the_ignore_label():
     logits = torch.randn(2, 3, 6, 6, 6)
     target = torch.randint(0, 3, (2, 1, 6, 6, 6))
     target[:, :, :3] = 3  # ignored
-    loss = DiceCELoss(batch_dice=False, ignore_label=3)
+    loss = NnUNetDiceCE(batch_dice=False, ignore_label=3)
     changed = logits.clone()
     changed[:, :, :3] = torch.randn(2, 3, 3, 6, 6) * 10
     assert torch.isclose(loss(logits, target), loss(changed, target))
@@ -166,13 +166,13 @@ def test_loss_follows_nnunets_sign_convention():
     """CE - Dice as nnU-Net logs it: about -1 for a perfect prediction, about 0 + CE for a hopeless one."""
     target = torch.randint(0, 3, (2, 1, 6, 6, 6))
     perfect = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
-    assert float(DiceCELoss()(perfect, target)) == pytest.approx(-1.0, abs=1e-4)
+    assert float(NnUNetDiceCE()(perfect, target)) == pytest.approx(-1.0, abs=1e-4)
     wrong = torch.roll(perfect, 1, dims=1)  # every voxel confidently one class off
-    assert float(DiceCELoss()(wrong, target)) == pytest.approx(50.0, abs=1e-3)
+    assert float(NnUNetDiceCE()(wrong, target)) == pytest.approx(50.0, abs=1e-3)
     logits = torch.randn(2, 3, 6, 6, 6)
     for batch_dice in (False, True):  # an ignore label absent from the target changes nothing (masked path = plain)
-        torch.testing.assert_close(DiceCELoss(batch_dice, ignore_label=7)(logits, target),
-                                   DiceCELoss(batch_dice)(logits, target))
+        torch.testing.assert_close(NnUNetDiceCE(batch_dice, ignore_label=7)(logits, target),
+                                   NnUNetDiceCE(batch_dice)(logits, target))
 
 
 def test_pseudo_dice_sums_counts_and_keeps_an_ema():

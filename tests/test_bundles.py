@@ -191,7 +191,8 @@ def test_training_starts_from_initial_weights(emitted, tmp_path):
         weights = parser.get_parsed_content("network_def").state_dict()
     torch.save({"network_weights": weights}, tmp_path / "checkpoint_final.pth")
     result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", *FAST, "--seed", "3",
-                        "--initial_weights", tmp_path / "checkpoint_final.pth", "--learning_rate", "0")
+                        "--initial_weights", tmp_path / "checkpoint_final.pth", "--learning_rate", "0",
+                        "--dataset_dir", emitted[0])
     assert "initial weights from" in result.stdout + result.stderr
     trained = torch.load(bundle / "models/model.pt", weights_only=True)
     assert trained.keys() == weights.keys()
@@ -214,6 +215,7 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
                 parser = ConfigParser()
                 parser.read_config(str(bundle / "configs/train.json"))
                 parser["bundle_root"], parser["num_workers"] = str(bundle), 2
+                parser["dataset_dir"] = str(emitted[0])
                 parser["deterministic"] = deterministic
                 parser.get_parsed_content("initialize")
                 assert torch.backends.cudnn.benchmark is not deterministic
@@ -231,7 +233,7 @@ def test_worker_processes_persist_across_epochs_and_cudnn_follows_deterministic(
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
     result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
                         "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "2",
-                        "--log_interval", "2")
+                        "--log_interval", "2", "--dataset_dir", emitted[0])
     assert json.loads((bundle / "eval/progress.json").read_text())["epoch"] == [1, 2]
     log = result.stdout + result.stderr  # the training loss is logged every log_interval iterations
     assert "Epoch: 2/2, Iter: 2/2 -- train_loss" in log and "Iter: 1/2 -- train_loss" not in log
@@ -260,7 +262,7 @@ def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path, m
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs/train.json"))
         for key, value in {"bundle_root": str(bundle), "num_workers": 2, "epochs": 2, "iterations_per_epoch": 2,
-                           "val_iterations": 1}.items():
+                           "val_iterations": 1, "dataset_dir": str(emitted[0])}.items():
             parser[key] = value
         parser.get_parsed_content("initialize")
         trainer = parser.get_parsed_content("train#trainer")
@@ -384,7 +386,7 @@ def test_multi_process_training_on_gloo(emitted, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "monai.bundle",
          "run", "training", "--config_file", "['configs/train.json','configs/multi_gpu_train.json']",
-         "--cache_dir", str(bundles["3d_fullres"].parent / "preprocessed"), *FAST],
+         "--cache_dir", str(bundles["3d_fullres"].parent / "preprocessed"), "--dataset_dir", str(raw), *FAST],
         cwd=copy, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (copy / "models/model.pt").is_file()

@@ -513,7 +513,9 @@ def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     a, b = (twice / bundle_name("2d", f) / "eval" / "validation" for f in (0, 1))
     extra = next(a.glob("*.nii.gz"))
     shutil.copyfile(extra, b / extra.name)
-    assert tool("select", twice, "--no-bundle") == 2
+    assert tool("select", twice, "--no-bundle") == 2  # copied bundles: no dataset_dir.txt beside them
+    assert "pass --dataset-dir" in capsys.readouterr().err
+    assert tool("select", twice, "--no-bundle", "--dataset-dir", raw) == 2
     assert "predicted twice" in capsys.readouterr().err
     assert not (twice / "selection").exists() and not list(twice.glob(".selection*"))
 

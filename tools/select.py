@@ -162,6 +162,13 @@ def fold_facts(bundle: Path, dataset_dir_override=None) -> dict:
     if not isinstance(val_cases, list):
         raise _error(f"{train_path}: val_cases must be a list of case names")
     dataset_dir = str(dataset_dir_override) if dataset_dir_override else train.get("dataset_dir", "")
+    if not isinstance(dataset_dir, str) or dataset_dir[:1] in ("", "$", "@", "%"):
+        from bundles.scripts.data import find_dataset
+
+        dataset_dir = find_dataset(bundle, train.get("dataset_name", ""))
+    if not dataset_dir:
+        raise _error(f"{train_path}: the dataset of {bundle.name} is not found on this machine (no "
+                     f"{bundle.parent / 'dataset_dir.txt'}, no $nnUNet_raw); pass --dataset-dir")
     return {"bundle": bundle, "val_cases": val_cases, "dataset_dir": dataset_dir, "spec": dataset,
             "file_ending": dataset.get("file_ending", ".nii.gz")}
 

@@ -42,14 +42,18 @@ def resample_labels(affine: Affine, label) -> torch.Tensor:
 
 class NnUNetSpatiald(Randomizable, MapTransform):
     def __init__(self, keys, patch_size, rotation: float = np.pi / 6, p_rotation: float = 0.2,
-                 p_scaling: float = 0.2, scaling=(0.7, 1.4), dummy_2d: bool = False, mode=("bilinear", "labels")):
-        MapTransform.__init__(self, keys)
+                 p_scaling: float = 0.2, scaling=(0.7, 1.4), dummy_2d: bool = False, mode=("bilinear", "labels"),
+                 allow_missing_keys: bool = False):
+        MapTransform.__init__(self, keys, allow_missing_keys)
         self.patch_size = [int(p) for p in patch_size]
         self.rotation = abs(float(rotation))
         self.p_rotation, self.p_scaling = p_rotation, p_scaling
         self.scaling = tuple(scaling)
         self.dummy_2d = dummy_2d
-        self.mode = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
+        modes = (mode,) * len(self.keys) if isinstance(mode, str) else tuple(mode)
+        if len(modes) != len(self.keys):
+            raise ValueError(f"NnUNetSpatiald: {len(self.keys)} keys {self.keys} but {len(modes)} modes {modes}")
+        self.mode = dict(zip(self.keys, modes))
         self.angles: list[float] = []
         self.scale: float | None = None
 
@@ -73,7 +77,8 @@ class NnUNetSpatiald(Randomizable, MapTransform):
         scales = [1.0] + [scale] * (len(self.patch_size) - 1) if self.dummy_2d else [scale] * len(self.patch_size)
         affine = Affine(rotate_params=self.angles, scale_params=scales, spatial_size=self.patch_size,
                         padding_mode="zeros", image_only=True)
-        for key, mode in zip(self.key_iterator(d), self.mode):
+        for key in self.key_iterator(d):
+            mode = self.mode[key]
             d[key] = resample_labels(affine, d[key]) if mode == "labels" else affine(d[key], mode=mode)
         return d
 

@@ -37,11 +37,33 @@ def default_workers() -> int:
 
 
 # --- finding cases ---------------------------------------------------------------------------------------------
+DATASET_RECORD = "dataset_dir.txt"
+
+
+def find_dataset(bundle_root, dataset_name: str, subfolder: str = "") -> str:
+    """The default ``dataset_dir``: bundles hold no path of the machine that made them, so the dataset is looked for
+    where this machine says it is: the folder recorded by ``autoplan emit`` in ``dataset_dir.txt`` beside the bundle
+    (not inside it), else ``$nnUNet_raw/<dataset_name>``. Returns "" when neither exists; ``list_cases`` then says
+    how to point the bundle at its data."""
+    record = Path(str(bundle_root)) / ".." / DATASET_RECORD
+    candidates = [record.read_text().strip()] if record.is_file() else []
+    if os.environ.get("nnUNet_raw") and dataset_name:
+        candidates.append(os.path.join(os.environ["nnUNet_raw"], dataset_name))
+    for folder in candidates:
+        if folder and os.path.isdir(folder):
+            return os.path.join(folder, subfolder) if subfolder else folder
+    return ""
+
+
 def list_cases(images_dir, file_ending: str, num_channels: int, labels_dir=None, cases=None) -> list[dict]:
     """``[{"case", "image": [channel files], "label"?}]`` for ``CASE_XXXX<ending>`` files, sorted by case.
 
     A single file that does not follow the channel naming (e.g. one image handed over by MONAI Label) is its own case.
     """
+    if not os.path.isdir(str(images_dir)):
+        raise FileNotFoundError(f"{images_dir or '(unset)'}: no such folder. Point the bundle at its data with "
+                                "--dataset_dir /path/to/DatasetXXX_Name (the folder holding imagesTr and labelsTr; "
+                                "for inference, a folder of images), or set nnUNet_raw")
     pattern = re.compile(r"(.+)_(\d{4})" + re.escape(file_ending) + r"$")
     found: dict[str, dict[int, str]] = {}
     for path in sorted(glob.glob(os.path.join(str(images_dir), f"*{file_ending}"))):
@@ -70,7 +92,10 @@ def list_cases(images_dir, file_ending: str, num_channels: int, labels_dir=None,
 
 
 def with_previous_stage(datalist: list[dict], folders, file_ending: str) -> list[dict]:
-    """Adds ``prev``: the previous stage's prediction of each case, found in any of ``folders`` (cascade)."""
+    """Adds ``prev``: the previous stage's prediction of each case, found in any of ``folders`` (cascade); without
+    ``folders`` (not a cascade) the datalist is returned as it is."""
+    if folders is None:
+        return datalist
     items = []
     for item in datalist:
         case = item.get("case") or case_name({"filename_or_obj": item["image"]})["subject"]

@@ -76,10 +76,12 @@ class SaveProbabilitiesd(MapTransform):
 
 
 def predict_validation(bundle_root, images_dir, labels_dir, cases, output_dir, device=None,
-                       save_probabilities: bool = False, previous_stage_dirs=None) -> dict:
+                       save_probabilities: bool = False, previous_stage_dirs=None, network_def=None) -> dict:
     """Predict a fold's validation cases with ``configs/inference.json`` and evaluate them (``summary.json``).
 
-    A cascade bundle finds each case's previous-stage prediction in ``previous_stage_dirs``.
+    A cascade bundle finds each case's previous-stage prediction in ``previous_stage_dirs``. ``network_def`` is the
+    training config's network, so that a network replaced in training (an extra config file) is the one predicting;
+    ``models/model.pt`` is loaded into it.
     """
     from monai.bundle import ConfigWorkflow
 
@@ -95,6 +97,8 @@ def predict_validation(bundle_root, images_dir, labels_dir, cases, output_dir, d
                  "save_probabilities": save_probabilities}
     if device is not None:
         overrides["device"] = device
+    if network_def is not None:
+        overrides["network_def"] = network_def
     workflow = ConfigWorkflow(config_file=str(bundle_root / "configs" / "inference.json"),
                               meta_file=str(bundle_root / "configs" / "metadata.json"), logging_file=False,
                               workflow_type="infer", **overrides)

@@ -1,9 +1,10 @@
-"""nnU-Net's loss: Dice + cross-entropy with deep supervision (spec 5.2), with an ignore label for sparse labels.
+"""Training losses: nnU-Net's Dice + cross-entropy (spec 5.2) and a deep-supervision wrapper for any loss.
 
-MONAI's ``DiceCELoss`` has no ignore index, so the loss is assembled from MONAI's ``DiceLoss`` (``MaskedDiceLoss``
-with an ignore label) and torch's cross-entropy (which has ``ignore_index``). Deep supervision uses MONAI's
-``DeepSupervisionLoss``, which resizes the target to each output (nearest-exact), after the network's output is split
-into a list.
+MONAI's ``DiceCELoss`` has no ignore index, so nnU-Net's loss is assembled from MONAI's ``DiceLoss``
+(``MaskedDiceLoss`` with an ignore label) and torch's cross-entropy (which has ``ignore_index``). The wrapper takes
+the per-output loss from the config (``loss_component`` in ``train.json``), so MONAI's ``DiceCELoss`` or a weighted
+or region loss can replace nnU-Net's without touching code. Deep supervision uses MONAI's ``DeepSupervisionLoss``,
+which resizes the target to each output (nearest-exact), after the network's output is split into a list.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
     return [w / total for w in weights]
 
 
-class DiceCELoss(nn.Module):
-    """Cross-entropy minus soft Dice (softmax, background excluded, smooth 1e-5), both weighted 1.0, on a label-map
-    target. nnU-Net's Dice term is -Dice (MONAI's is 1 - Dice): the offset changes no gradient, but keeps the logged
-    loss comparable with nnU-Net's (a perfect prediction gives -1).
+class NnUNetDiceCE(nn.Module):
+    """nnU-Net's loss on one output: cross-entropy minus soft Dice (softmax, background excluded, smooth 1e-5), both
+    weighted 1.0, on a label-map target. nnU-Net's Dice term is -Dice (MONAI's is 1 - Dice): the offset changes no
+    gradient, but keeps the logged loss comparable with nnU-Net's (a perfect prediction gives -1).
 
     With ``ignore_label`` the ignored voxels are masked out of both terms, and cross-entropy is skipped when a batch
     has no annotated voxel.
@@ -53,12 +54,13 @@ class DiceCELoss(nn.Module):
         return dice + F.cross_entropy(logits, target[:, 0], ignore_index=self.ignore_label)
 
 
-class NnUNetLoss(nn.Module):
-    """The training loss: ``DiceCELoss`` over the deep-supervision outputs with nnU-Net's weights."""
+class DeepSupervisedLoss(nn.Module):
+    """``loss`` (any ``(output, label map)`` loss) over the network's deep-supervision outputs, with nnU-Net's
+    weights; a network without deep supervision gets ``loss`` itself."""
 
-    def __init__(self, num_outputs: int, batch_dice: bool = False, ignore_label: int | None = None):
+    def __init__(self, loss: nn.Module, num_outputs: int):
         super().__init__()
-        self.loss = DiceCELoss(batch_dice, ignore_label)
+        self.loss = loss
         self.weights = deep_supervision_weights(num_outputs)
         self.deep_supervision = DeepSupervisionLoss(self.loss, weights=self.weights)
 
