@@ -16,12 +16,10 @@ from pathlib import Path
 from autoplan.dataset import DatasetError, load_dataset, parse_labels
 from autoplan.files import atomic_folder, write_json_atomic
 from autoplan.splits import fold_cases, kfold_splits, load_splits
+from bundles import SCRIPTS, TEMPLATES
 from bundles.scripts.data import initial_patch_size
 from bundles.scripts.preprocessing import resolve_configuration
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-TEMPLATES = BUNDLES / "templates"
-SCRIPTS = BUNDLES / "scripts"
 BUNDLE_VERSION = "0.1.0"
 SUPPORTED = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
