@@ -1,16 +1,19 @@
-"""Command line: ``python -m autoplan COMMAND`` (built on fire; ``--help`` works on every command).
+"""Command line: ``autoplan COMMAND`` or ``python -m autoplan COMMAND`` (``--help`` works on every command).
 
-Commands import their stage lazily, so ``plan`` never loads image libraries, torch or monai. Dataset problems are
-printed one per line, naming the file, and exit with status 2 (no traceback).
+The dataset-to-bundles stages are fire commands defined here; ``evaluate``, ``ensemble``, ``select`` and ``export``
+hand their arguments unchanged to the ``main`` of their module in ``tools/``, so they take the same options as
+``python tools/FILE.py``. Commands import their stage lazily, so ``plan`` never loads image libraries, torch or
+monai. Dataset problems are printed one per line, naming the file, and exit with status 2 (no traceback).
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import fire
 
-EXIT_DATASET_ERROR = 2
+EXIT_BAD_INPUT = 2
 
 
 def _fail(problems, warnings=()) -> None:
@@ -19,7 +22,7 @@ def _fail(problems, warnings=()) -> None:
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
     print(f"{len(problems)} problem(s) found", file=sys.stderr)
-    raise SystemExit(EXIT_DATASET_ERROR)
+    raise SystemExit(EXIT_BAD_INPUT)
 
 
 def _guarded(fn, *args, **kwargs):
@@ -198,6 +201,40 @@ COMMANDS = {
     "demo": demo,
 }
 
+# module in tools/ and one-line summary; the summary lives here so that ``autoplan --help`` imports no tool
+TOOLS = {
+    "evaluate": ("tools.evaluate", "Evaluate predictions like nnUNetv2_evaluate_folder, plus HD95 and NSD."),
+    "ensemble": ("tools.ensemble", "Predict with several bundles, average saved probabilities, or make one ensemble "
+                                   "bundle."),
+    "select": ("tools.find_best", "Choose the best configuration or ensemble and its postprocessing "
+                                  "(find_best_configuration)."),
+    "export": ("tools.export", "Zip a bundle reproducibly, or install such a zip safely (export install)."),
+}
 
-def main(argv=None):
+
+def usage() -> str:
+    """Every command with its one-line summary (the first line of a fire command's docstring)."""
+    summaries = {name: fn.__doc__.splitlines()[0] for name, fn in COMMANDS.items()}
+    summaries.update({name: summary for name, (_, summary) in TOOLS.items()})
+    width = max(map(len, summaries))
+    return "\n".join(["usage: autoplan COMMAND [ARGS ...]   (autoplan COMMAND --help describes a command)", "",
+                      "commands:"] + [f"  {name:<{width}}  {text}" for name, text in summaries.items()])
+
+
+def main(argv=None) -> int:
+    """Run one command and return its exit status; bad input may also end it with ``SystemExit(2)``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        try:
+            print(usage(), file=sys.stdout if argv else sys.stderr)
+        except BrokenPipeError:  # e.g. piped into head
+            pass
+        return 0 if argv else EXIT_BAD_INPUT
+    name, rest = argv[0], argv[1:]
+    if name in TOOLS:
+        return importlib.import_module(TOOLS[name][0]).main(rest, prog=f"autoplan {name}") or 0
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r} (autoplan --help lists the commands)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     fire.Fire(COMMANDS, command=argv, name="autoplan")
+    return 0

@@ -17,12 +17,10 @@ from pathlib import Path
 from autoplan.dataset import DatasetError, load_dataset, parse_labels
 from autoplan.files import atomic_folder, write_json_atomic, write_text_atomic
 from autoplan.splits import fold_cases, kfold_splits, load_splits
+from bundles import SCRIPTS, TEMPLATES
 from bundles.scripts.data import DATASET_RECORD, initial_patch_size
 from bundles.scripts.preprocessing import resolve_configuration
 
-BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-TEMPLATES = BUNDLES / "templates"
-SCRIPTS = BUNDLES / "scripts"
 BUNDLE_VERSION = "0.1.0"
 PLAN_KEYS = ("patch_size", "spacing", "batch_size", "batch_dice", "architecture", "normalization_schemes")
 

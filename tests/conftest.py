@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic datasets and the (optional) shared reference data."""
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ HIPPOCAMPUS = SHARED / "data" / "Dataset004_Hippocampus"
 HIPPOCAMPUS_PLANS = SHARED / "reference" / "nnunet_plans" / "Dataset004_Hippocampus"
 
 sys.path.insert(0, str(ROOT))
+# subprocesses (``python tools/X.py``, ``python -m autoplan`` from a bundle folder) import this checkout too, whether
+# or not the project is installed
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 requires_shared = pytest.mark.skipif(
     not (HIPPOCAMPUS.is_dir() and HIPPOCAMPUS_PLANS.is_dir()),

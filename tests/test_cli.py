@@ -8,7 +8,15 @@ import pytest
 
 from conftest import ROOT
 
-COMMANDS = ["synthetic", "convert-msd", "verify", "fingerprint", "plan", "run", "demo"]
+# every command, with an option (or subcommand) its help must describe
+COMMANDS = {"synthetic": "--spacing_jitter", "convert-msd": "TASK_DIR", "verify": "RAW_DIR",
+            "fingerprint": "--processes", "plan": "--gpu_memory_gb", "emit": "--configurations", "run": "--planner",
+            "demo": "--epochs", "evaluate": "--nsd_tolerance", "ensemble": "make-bundle",
+            "select": "--disable-ensembling", "export": "--include_eval"}
+# the tools' subcommands, and the tools' own scripts
+SUBCOMMANDS = {("ensemble", "average"): "--reference_images", ("ensemble", "make-bundle"): "--postprocessing",
+               ("export", "install"): "--overwrite"}
+SCRIPTS = {"evaluate": "evaluate.py", "ensemble": "ensemble.py", "select": "find_best.py", "export": "export.py"}
 
 
 def autoplan(*args):
@@ -16,12 +24,61 @@ def autoplan(*args):
                           cwd=str(ROOT))
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_every_command_with_a_summary():
+    result = autoplan("--help")
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0]: line.split(maxsplit=1)[1] for line in result.stdout.splitlines()
+              if line.startswith("  ") and len(line.split()) > 1}
+    assert list(listed) == list(COMMANDS)
+    assert listed["plan"].startswith("Plan the configurations") and "find_best_configuration" in listed["select"]
+    bare = autoplan()  # no command: the same list on stderr, as a usage error
+    assert bare.returncode == 2 and "select" in bare.stderr and not bare.stdout
+    unknown = autoplan("nope")
+    assert unknown.returncode == 2 and "unknown command 'nope'" in unknown.stderr
+    assert "Traceback" not in bare.stderr + unknown.stderr
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, *SUBCOMMANDS])
 def test_every_command_has_help(command):
-    result = autoplan(command, "--help")
+    words = command if isinstance(command, tuple) else (command,)
+    result = autoplan(*words, "--help")
     text = result.stdout + result.stderr  # fire writes help to stderr when not on a terminal
-    assert result.returncode == 0
-    assert f"autoplan {command}" in text and ("FLAGS" in text or "POSITIONAL ARGUMENTS" in text)
+    assert result.returncode == 0, text
+    assert f"autoplan {' '.join(words)}" in text and {**COMMANDS, **SUBCOMMANDS}[command] in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("command", SCRIPTS)
+def test_the_tools_scripts_take_the_same_arguments(command):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / SCRIPTS[command]), "--help"], capture_output=True,
+                            text=True, cwd=str(ROOT))
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    assert COMMANDS[command] in text
+
+
+def test_no_tool_shadows_a_standard_module():
+    """``python tools/X.py`` puts tools/ first on sys.path: a tools/select.py would replace ``import select``."""
+    assert not {p.stem for p in (ROOT / "tools").glob("*.py")} & set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["evaluate", "{tmp}/ref", "{tmp}/pred", "--dataset-json", "{tmp}/dataset.json"], "{tmp}/ref"),
+    (["evaluate", "{tmp}/ref", "{tmp}/pred", "--dataset-json", "{tmp}/missing.json"], "{tmp}/missing.json"),
+    (["ensemble", "{tmp}/missing", "--dataset-dir", "{tmp}", "--output-dir", "{tmp}/out"], "{tmp}/missing"),
+    (["ensemble", "average", "{tmp}/missing", "--output-dir", "{tmp}/out"], "{tmp}/missing"),
+    (["ensemble", "make-bundle", "{tmp}", "--out", "{tmp}/out"], "{tmp}/configs/inference.json"),
+    (["select", "{tmp}"], "{tmp}"),
+    (["export", "{tmp}/missing", "--out", "{tmp}/out.zip"], "{tmp}/missing"),
+    (["export", "install", "{tmp}/missing.zip", "--out", "{tmp}/out"], "{tmp}/missing.zip"),
+])
+def test_tool_commands_reject_bad_input_with_exit_2(tmp_path, args, named):
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1},
+                                                       "file_ending": ".nii.gz"}))
+    result = autoplan(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"error: {named.format(tmp=tmp_path)}: " in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.zip").exists()
 
 
 def test_synthetic_then_run(tmp_path):

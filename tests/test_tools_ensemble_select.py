@@ -1,4 +1,5 @@
-"""tools/ensemble.py (predict, average, make-bundle) and tools/select.py (find_best_configuration + postprocessing).
+"""tools/ensemble.py (predict, average, make-bundle) and tools/find_best.py (``autoplan select``: nnU-Net's
+find_best_configuration + postprocessing).
 
 One tiny synthetic dataset gets 3d_fullres and 2d bundles for all 5 folds. Instead of training, every fold gets
 freshly initialised weights and its validation cases are predicted with probabilities (``predict_validation``), as
@@ -336,7 +337,7 @@ def test_make_bundle_of_one_configuration_verifies_net_in_out(setup, tmp_path):
 @pytest.fixture(scope="module")
 def selection(setup):
     _, bundles = setup
-    result = cli(ROOT / "tools" / "select.py", bundles, "--device", "cpu")
+    result = cli("-m", "autoplan", "select", bundles, "--device", "cpu")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return bundles / "selection"
 
@@ -367,6 +368,7 @@ def test_select_reports_every_candidate_and_picks_the_best(setup, selection):
     markdown = (selection / "report.md").read_text()
     for name in names:
         assert name in markdown
+    assert "autoplan ensemble " + " ".join(report["best"]["bundles"]) in markdown  # how to predict
 
 
 def test_select_postprocessing_follows_the_rules(setup, selection, tmp_path):
@@ -478,13 +480,13 @@ def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     raw, bundles = setup
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert tool("select", empty) == 2
+    assert tool("find_best", empty) == 2
     assert "no bundles" in capsys.readouterr().err
     partial = tmp_path / "partial"  # 3d_fullres lacks fold 4
     partial.mkdir()
     for c, f in [(c, f) for c in ("3d_fullres", "2d") for f in FOLDS if (c, f) != ("3d_fullres", 4)]:
         (partial / bundle_name(c, f)).symlink_to(bundles / bundle_name(c, f), target_is_directory=True)
-    assert tool("select", partial) == 2
+    assert tool("find_best", partial) == 2
     err = capsys.readouterr().err
     assert "fold(s) [4]" in err and bundle_name("3d_fullres", 4) in err
     odd = tmp_path / bundle_name("2d", 0)  # a copy whose dataset.json declares other labels
@@ -513,23 +515,11 @@ def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     a, b = (twice / bundle_name("2d", f) / "eval" / "validation" for f in (0, 1))
     extra = next(a.glob("*.nii.gz"))
     shutil.copyfile(extra, b / extra.name)
-    assert tool("select", twice, "--no-bundle") == 2  # copied bundles: no dataset_dir.txt beside them
+    assert tool("find_best", twice, "--no-bundle") == 2  # copied bundles: no dataset_dir.txt beside them
     assert "pass --dataset-dir" in capsys.readouterr().err
-    assert tool("select", twice, "--no-bundle", "--dataset-dir", raw) == 2
+    assert tool("find_best", twice, "--no-bundle", "--dataset-dir", raw) == 2
     assert "predicted twice" in capsys.readouterr().err
     assert not (twice / "selection").exists() and not list(twice.glob(".selection*"))
-
-
-def test_help_and_the_select_module_name(tmp_path):
-    for name in ("ensemble", "select"):
-        result = cli(ROOT / "tools" / f"{name}.py", "--help")
-        assert result.returncode == 0 and "Usage" in result.stdout, result.stderr
-    result = cli(ROOT / "tools" / "ensemble.py", "average", "--help")
-    assert result.returncode == 0 and "--output_dir" in result.stdout + result.stderr
-    # with tools/ first on sys.path (python tools/X.py), `import select` must still give the standard library's
-    result = cli("-c", "import sys; sys.path.insert(0, 'tools'); import select, subprocess; "
-                 "print(hasattr(select, 'poll'), subprocess.run(['true']).returncode)")
-    assert result.returncode == 0 and result.stdout.split() == ["True", "0"], result.stderr
 
 
 # --- postprocessing unit tests ---------------------------------------------------------------------------------
@@ -590,8 +580,7 @@ def test_acceptance_rules():
 
 
 def test_best_candidate_ties_and_nan():
-    sys.path.insert(0, str(ROOT))
-    from tools.select import best_candidate
+    from tools.find_best import best_candidate
 
     results = [{"name": "2d", "foreground_mean_dice": float("nan")}, {"name": "3d", "foreground_mean_dice": 0.8},
                {"name": "3d_lowres", "foreground_mean_dice": 0.8}, {"name": "ensemble", "foreground_mean_dice": 0.8}]

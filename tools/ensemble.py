@@ -1,15 +1,15 @@
 """Ensembles of autoplan bundles: predict with several bundles, average saved probabilities, or package an ensemble
 as one MONAI Bundle.
 
-Usage (from the repository root)::
+Usage (``python tools/ensemble.py`` takes the same arguments)::
 
-    python tools/ensemble.py BUNDLE [BUNDLE ...] --dataset-dir IN --output-dir OUT [--use-tta True]
-                             [--fold-averaging logits|probabilities] [--save-probabilities] [--postprocessing FILE]
-                             [--device cpu]
-    python tools/ensemble.py average DIR [DIR ...] --output-dir OUT [--dataset-json FILE] [--reference-images DIR]
-                             [--file-ending .nii.gz] [--save-probabilities]
-    python tools/ensemble.py make-bundle BUNDLE [BUNDLE ...] --out ENSEMBLE_BUNDLE [--postprocessing FILE]
-                             [--name NAME]
+    autoplan ensemble BUNDLE [BUNDLE ...] --dataset-dir IN --output-dir OUT [--use-tta True]
+                      [--fold-averaging logits|probabilities] [--save-probabilities] [--postprocessing FILE]
+                      [--device cpu]
+    autoplan ensemble average DIR [DIR ...] --output-dir OUT [--dataset-json FILE] [--reference-images DIR]
+                      [--file-ending .nii.gz] [--save-probabilities]
+    autoplan ensemble make-bundle BUNDLE [BUNDLE ...] --out ENSEMBLE_BUNDLE [--postprocessing FILE]
+                      [--name NAME]
 
 ``--help`` after a command describes its options.
 
@@ -36,7 +36,7 @@ dataset.json, else the first folder's files.
 ``configs/inference.json`` (ids ``network_def`` = ``scripts.ensemble.EnsembleNetwork``, ``inferer`` =
 ``scripts.ensemble.EnsembleInferer``, ``preprocessing`` = ``LoadImaged`` only, ``postprocessing`` = argmax, optional
 keep-largest-component steps from ``--postprocessing`` (the ``postprocessing.json`` written by
-``tools/select.py``), ``SaveImaged``). ``configs/members.json`` holds each member's plans and inference settings,
+``autoplan select``), ``SaveImaged``). ``configs/members.json`` holds each member's plans and inference settings,
 ``models/model.pt`` the members' weights (keys ``members.<i>.*``), ``scripts/`` the repository's ``bundles/scripts``.
 
 Bad input (no bundles, a folder that is not a trained bundle, members with different labels or channels, no common
@@ -46,26 +46,19 @@ atomically: files are produced in a temporary folder and moved into place with `
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# ``python tools/ensemble.py`` puts tools/ first on sys.path; the repository root replaces it (tools/select.py must
-# not shadow the standard library's ``select``).
-if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == ROOT / "tools":
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+from bundles import SCRIPTS, TEMPLATES
+from tools.cli import fire_as
 
 EXIT_BAD_INPUT = 2
-TEMPLATE = ROOT / "bundles" / "templates" / "ensemble_inference.json"
-SCRIPTS = ROOT / "bundles" / "scripts"
+TEMPLATE = TEMPLATES / "ensemble_inference.json"
 VERSION = "0.1.0"
 
 
@@ -269,7 +262,7 @@ def members_document(infos: list) -> dict:
 
 def _repo_scripts_on_path() -> None:
     """The ensemble template imports ``scripts.*``: here that is the repository's ``bundles/scripts``."""
-    path = str(ROOT / "bundles")
+    path = str(SCRIPTS.parent)
     if path not in sys.path:
         sys.path.insert(0, path)
 
@@ -338,7 +331,7 @@ def predict(*bundles, dataset_dir=None, output_dir=None, use_tta: bool = True, f
         use_tta: mirroring test-time augmentation (default True).
         fold_averaging: 'logits' (nnU-Net: folds of a configuration average logits) or 'probabilities'.
         save_probabilities: also write CASE.npz with the ensemble's probabilities (nnU-Net's layout).
-        postprocessing: a postprocessing.json (from tools/select.py) to apply to the label maps.
+        postprocessing: a postprocessing.json (from autoplan select) to apply to the label maps.
         device: e.g. cpu or cuda:0 (default: cuda:0 when available).
     """
     if fold_averaging not in ("logits", "probabilities"):
@@ -495,7 +488,7 @@ def _readme(name: str, infos: list, postprocessing: dict | None, single_group: b
               "different inputs, so the network has no single-tensor forward; the inferer does the prediction.")
     return f"""# {name}
 
-An ensemble of autoplan (nnU-Net v2 style) bundles, packaged as one MONAI Bundle by `tools/ensemble.py make-bundle`.
+An ensemble of autoplan (nnU-Net v2 style) bundles, packaged as one MONAI Bundle by `autoplan ensemble make-bundle`.
 
 | # | member | configuration | fold | role |
 |---|---|---|---|---|
@@ -533,7 +526,7 @@ def make_bundle(*bundles, out=None, postprocessing=None, name=None, version: str
     Args:
         bundles: trained bundle folders sharing dataset.json's labels and channels.
         out: the new bundle folder (must not exist).
-        postprocessing: postprocessing.json (from tools/select.py) built into inference.json.
+        postprocessing: postprocessing.json (from autoplan select) built into inference.json.
         name: the bundle's name in metadata.json (default: the folder name).
         version: the bundle's version (default 0.1.0).
     """
@@ -562,7 +555,7 @@ def make_bundle(*bundles, out=None, postprocessing=None, name=None, version: str
         shutil.copyfile(first / "configs" / "dataset.json", configs / "dataset.json")
         (configs / "metadata.json").write_text(json.dumps(ensemble_metadata(infos, name, str(version), pp), indent=4))
         logging_conf = first / "configs" / "logging.conf"
-        shutil.copyfile(logging_conf if logging_conf.is_file() else ROOT / "bundles/templates/logging.conf",
+        shutil.copyfile(logging_conf if logging_conf.is_file() else TEMPLATES / "logging.conf",
                         configs / "logging.conf")
         if postprocessing:
             shutil.copyfile(str(postprocessing), configs / "postprocessing.json")
@@ -595,8 +588,6 @@ COMMANDS = {"average": average, "make-bundle": make_bundle, "make_bundle": make_
 
 def run_cli(commands: dict, default, doc: str, argv, prog: str) -> int:
     """fire dispatch with the tools' error convention: bad input -> ``error: ...`` on stderr, exit status 2."""
-    import fire
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         try:
@@ -605,14 +596,14 @@ def run_cli(commands: dict, default, doc: str, argv, prog: str) -> int:
             pass
         return 0 if argv else EXIT_BAD_INPUT
     if argv[0] in commands:
-        fn, rest, name = commands[argv[0]], argv[1:], argv[0]
+        fn, rest, name = commands[argv[0]], argv[1:], f"{prog} {argv[0]}"
     elif default is not None:
         fn, rest, name = default, argv, prog
     else:
         print(f"error: unknown command {argv[0]!r} (try --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        fire.Fire(fn, command=rest, name=name)
+        fire_as(name, fn, rest)
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -622,8 +613,8 @@ def run_cli(commands: dict, default, doc: str, argv, prog: str) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    return run_cli(COMMANDS, predict, __doc__, argv, "ensemble.py")
+def main(argv=None, prog="ensemble.py") -> int:
+    return run_cli(COMMANDS, predict, __doc__, argv, prog)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Evaluate predicted segmentations against references: nnU-Net's ``summary.json`` plus HD95 and NSD, a CSV and a plot.
 
-Usage (from the repository root)::
+Usage (``python tools/evaluate.py`` takes the same arguments)::
 
-    python tools/evaluate.py REF_DIR PRED_DIR --dataset-json dataset.json [--out PRED_DIR/summary.json]
-                             [--processes 1] [--chill] [--nsd-tolerance 1.0]
+    autoplan evaluate REF_DIR PRED_DIR --dataset-json dataset.json [--out PRED_DIR/summary.json]
+                      [--processes 1] [--chill] [--nsd-tolerance 1.0]
 
 Every prediction ``PRED_DIR/<case><file_ending>`` is compared with ``REF_DIR/<case><file_ending>``. Labels, regions
 and the ignore label come from dataset.json (``labels``, ``file_ending``). Without ``--chill`` every reference needs a
@@ -45,24 +45,22 @@ exits with status 2.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
+import multiprocessing
+import os
 import sys
+import tempfile
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import csv  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import warnings  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from bundles.scripts import evaluation  # noqa: E402
+from bundles.scripts import evaluation
+from tools.cli import fire_as
 
 EXIT_BAD_INPUT = 2
 SURFACE_METRICS = ("HD95", "NSD")
@@ -504,10 +502,8 @@ def evaluate(ref_dir, pred_dir, dataset_json, out=None, processes: int = 1, chil
     print(_report(summary, out_path, label_names(load_dataset_json(str(dataset_json))["labels"])))
 
 
-def main(argv=None):
-    import fire
-
-    fire.Fire(evaluate, command=argv, name="evaluate.py")
+def main(argv=None, prog="evaluate.py"):
+    fire_as(prog, evaluate, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Export a MONAI Bundle folder to a reproducible zip, and install such a zip safely.
 
-Usage (from the repository root)::
+Usage (``python tools/export.py`` takes the same arguments)::
 
-    python tools/export.py BUNDLE --out NAME.zip [--include-eval] [--include-checkpoint]
-    python tools/export.py install NAME.zip --out DIR [--overwrite]
+    autoplan export BUNDLE --out NAME.zip [--include-eval] [--include-checkpoint]
+    autoplan export install NAME.zip --out DIR [--overwrite]
 
 **Export** writes MONAI's zip convention: ``NAME.zip`` holds ``NAME/configs/...``, ``NAME/models/...`` and so on
 (the zip stem *is* the top folder, which ``monai.bundle.load_bundle_config`` relies on; when NAME differs from the
@@ -27,18 +27,17 @@ Any problem prints ``error: <file>: <problem>`` on stderr and exits with status 
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import stat
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import stat  # noqa: E402
-import tempfile  # noqa: E402
-import zipfile  # noqa: E402
+from tools.cli import fire_as
 
 EXIT_BAD_INPUT = 2
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)
@@ -369,7 +368,7 @@ def _guarded(fn, *args):
 def export(bundle, out, include_eval: bool = False, include_checkpoint: bool = False):
     """Zip a bundle folder in MONAI's convention (NAME.zip holds NAME/...), reproducibly, and verify it.
 
-    The other command, `export.py install NAME.zip --out DIR`, extracts such a zip safely and runs MONAI's checks.
+    The other command, `install NAME.zip --out DIR`, extracts such a zip safely and runs MONAI's checks.
 
     Args:
         bundle: the bundle folder (with configs/metadata.json and configs/inference.json).
@@ -396,14 +395,9 @@ def install(zip_file, out, overwrite: bool = False):
     print(f"installed {final} (metadata.json and inference.json parse, ConfigWorkflow properties complete)")
 
 
-def main(argv=None):
-    import fire
-
+def main(argv=None, prog="export.py"):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "install":
-        fire.Fire({"install": install}, command=argv, name="export.py")
-    else:
-        fire.Fire(export, command=argv, name="export.py")
+    fire_as(prog, {"install": install} if argv and argv[0] == "install" else export, argv)
 
 
 if __name__ == "__main__":

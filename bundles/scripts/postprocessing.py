@@ -2,9 +2,10 @@
 
 ``keep_largest`` is the array operation; ``KeepLargestComponentd`` applies a chosen set of steps to a label map in a
 bundle's ``postprocessing`` Compose; ``accept_all_foreground`` / ``accept_label`` are the acceptance rules that
-``tools/select.py`` uses to choose those steps on cross-validation results. MONAI's ``KeepLargestConnectedComponentd``
-keeps a single component when several are equally large and defaults to a different connectivity, so nnU-Net's rule
-(full connectivity, ties keep every largest component) is written here with ``scipy.ndimage``.
+``tools/find_best.py`` uses to choose those steps on cross-validation results. MONAI's
+``KeepLargestConnectedComponentd`` keeps a single component when several are equally large and defaults to a
+different connectivity, so nnU-Net's rule (full connectivity, ties keep every largest component) is written here
+with ``scipy.ndimage``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def keep_largest(seg: np.ndarray, labels, background: int = 0) -> np.ndarray:
 
 def apply_postprocessing(seg: np.ndarray, keep_largest_foreground: bool = False, foreground_labels=None,
                          keep_largest_labels=()) -> np.ndarray:
-    """The steps ``tools/select.py`` chooses, in nnU-Net's order: keep the largest component of all foreground
+    """The steps ``tools/find_best.py`` chooses, in nnU-Net's order: keep the largest component of all foreground
     (``foreground_labels``; all non-zero values when None), then of each label in ``keep_largest_labels`` in turn."""
     seg = np.asarray(seg)
     if keep_largest_foreground:

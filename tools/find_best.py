@@ -1,13 +1,13 @@
 """Choose the best configuration or ensemble from cross-validation, and its postprocessing (nnU-Net's
 ``nnUNetv2_find_best_configuration``, spec 7.2 and 7.3).
 
-Usage (from the repository root)::
+Usage (``python tools/find_best.py`` takes the same arguments)::
 
-    python tools/select.py BUNDLES_DIR [--configurations 2d,3d_fullres] [--folds 0,1,2,3,4] [--dataset-dir RAW]
-                           [--dataset NAME] [--disable-ensembling] [--processes 1] [--device cpu] [--no-bundle]
+    autoplan select BUNDLES_DIR [--configurations 2d,3d_fullres] [--folds 0,1,2,3,4] [--dataset-dir RAW]
+                    [--dataset NAME] [--disable-ensembling] [--processes 1] [--device cpu] [--no-bundle]
 
-``BUNDLES_DIR`` holds the trained fold bundles ``<Dataset>_<configuration>_fold<k>`` (what ``python -m autoplan run``
-emits into ``WORK/bundles``). Steps:
+``BUNDLES_DIR`` holds the trained fold bundles ``<Dataset>_<configuration>_fold<k>`` (what ``autoplan run`` emits
+into ``WORK/bundles``). Steps:
 
 1. Candidates: every configuration with bundles there (or ``--configurations``), in nnU-Net's order ``2d``,
    ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres`` (others after, by name). ``3d_cascade_fullres`` (any
@@ -30,7 +30,7 @@ emits into ``WORK/bundles``). Steps:
    with more than one label, keep the largest component of each label in turn on the current best result, accepted
    iff that label's mean Dice strictly increases. Results in ``selection/postprocessing/`` and
    ``selection/postprocessing.json``.
-6. ``selection/<Dataset>_ensemble``: the best model as ONE MONAI Bundle (``tools/ensemble.py make-bundle``): all
+6. ``selection/<Dataset>_ensemble``: the best model as ONE MONAI Bundle (``autoplan ensemble make-bundle``): all
    folds of the best configuration (nnU-Net's final model of a configuration is its 5-fold ensemble), or of both
    configurations of the best pair, with the chosen postprocessing in its ``configs/inference.json``.
 7. ``selection/report.json`` and ``selection/report.md``: every candidate with its scores, the winner, the
@@ -41,56 +41,25 @@ Bad input (no bundles, several datasets, missing folds or validation results of 
 labels, a case predicted twice) prints ``error: ...`` naming the file and exits with status 2.
 """
 
+import json
+import math
+import os
+import re
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
-if __name__ == "select":  # pragma: no cover
-    # Imported as the standard library's ``select`` because tools/ is first on sys.path (``python tools/X.py``):
-    # load the real module and let it take this module's place (``import`` returns ``sys.modules['select']``).
-    import importlib.machinery
-    import importlib.util
-    import os
-
-    _here = os.path.dirname(os.path.abspath(__file__))
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "select", [p for p in sys.path if os.path.abspath(p or os.curdir) != _here])
-    _real = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_real)
-    sys.modules["select"] = _real
-else:
-    from pathlib import Path
-
-    ROOT = Path(__file__).resolve().parents[1]
-    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == ROOT / "tools":
-        sys.path[0] = str(ROOT)
-    elif str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+from tools import ensemble
+from tools.ensemble import ToolError
 
 DEFAULT_ORDER = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 BUNDLE_NAME = re.compile(r"^(?P<prefix>.+)_fold(?P<fold>\d+)$")
 
 
-def _tools():
-    from tools import ensemble
-
-    return ensemble
-
-
-def _error(message):
-    return _tools().ToolError(message)
-
-
 # --- finding the fold bundles ----------------------------------------------------------------------------------
 def find_bundles(bundles_dir: Path) -> dict:
     """``{dataset: {configuration: {fold: bundle path}}}`` of the fold bundles in ``bundles_dir``."""
-    ensemble = _tools()
     found: dict = {}
     for path in sorted(bundles_dir.iterdir()):
         match = BUNDLE_NAME.match(path.name)
@@ -104,7 +73,7 @@ def find_bundles(bundles_dir: Path) -> dict:
         plans = ensemble.load_json(plans_path)
         dataset = plans.get("dataset_name") or match.group("prefix").rsplit("_" + str(configuration), 1)[0]
         if not isinstance(configuration, str) or not match.group("prefix").endswith("_" + configuration):
-            raise _error(f"{path / 'configs' / 'inference.json'}: configuration {configuration!r} does not match "
+            raise ToolError(f"{path / 'configs' / 'inference.json'}: configuration {configuration!r} does not match "
                          f"the folder name {path.name}")
         folds = found.setdefault(dataset, {}).setdefault(configuration, {})
         folds[int(match.group("fold"))] = path
@@ -118,7 +87,6 @@ def order_configurations(names) -> list:
 def previous_stage(bundle: Path):
     from bundles.scripts.preprocessing import resolve_configuration
 
-    ensemble = _tools()
     inference = ensemble.load_json(bundle / "configs" / "inference.json")
     plans = ensemble.load_json(bundle / "configs" / "plans.json")
     return resolve_configuration(plans, inference["configuration"]).get("previous_stage")
@@ -130,7 +98,7 @@ def choose_candidates(configs: dict, folds: list, wanted, bundles_dir: Path) -> 
     if wanted:
         unknown = [c for c in wanted if c not in configs]
         if unknown:
-            raise _error(f"{bundles_dir}: no bundles of configuration(s) {', '.join(unknown)} "
+            raise ToolError(f"{bundles_dir}: no bundles of configuration(s) {', '.join(unknown)} "
                          f"(found {', '.join(names) or 'none'})")
         names = [c for c in names if c in wanted]
     candidates, skipped = [], []
@@ -144,23 +112,22 @@ def choose_candidates(configs: dict, folds: list, wanted, bundles_dir: Path) -> 
         missing = [f for f in folds if f not in configs[name]]
         if missing:
             example = bundles_dir / f"{next(iter(configs[name].values())).name.rsplit('_fold', 1)[0]}_fold{missing[0]}"
-            raise _error(f"{example}: missing; configuration {name} lacks fold(s) {missing} (train them, or pass "
+            raise ToolError(f"{example}: missing; configuration {name} lacks fold(s) {missing} (train them, or pass "
                          f"--folds / --configurations)")
         candidates.append(name)
     if not candidates:
-        raise _error(f"{bundles_dir}: no configuration has all folds {folds}")
+        raise ToolError(f"{bundles_dir}: no configuration has all folds {folds}")
     return candidates, skipped
 
 
 # --- validation results ----------------------------------------------------------------------------------------
 def fold_facts(bundle: Path, dataset_dir_override=None) -> dict:
-    ensemble = _tools()
     train_path = bundle / "configs" / "train.json"
     train = ensemble.load_json(train_path)
     dataset = ensemble.load_json(bundle / "configs" / "dataset.json")
     val_cases = train.get("val_cases")
     if not isinstance(val_cases, list):
-        raise _error(f"{train_path}: val_cases must be a list of case names")
+        raise ToolError(f"{train_path}: val_cases must be a list of case names")
     dataset_dir = str(dataset_dir_override) if dataset_dir_override else train.get("dataset_dir", "")
     if not isinstance(dataset_dir, str) or dataset_dir[:1] in ("", "$", "@", "%"):
         from bundles.scripts.data import find_dataset
@@ -189,11 +156,11 @@ def regenerate_validation(facts: dict, dataset_dir_override=None, device=None) -
 
     bundle = facts["bundle"]
     if not (bundle / "models" / "model.pt").is_file():
-        raise _error(f"{bundle / 'models' / 'model.pt'}: missing; fold {bundle.name} has no validation results and "
+        raise ToolError(f"{bundle / 'models' / 'model.pt'}: missing; fold {bundle.name} has no validation results and "
                      "is not trained")
     for rel in ("configs/train.json", "configs/evaluate.json"):
         if not (bundle / rel).is_file():
-            raise _error(f"{bundle / rel}: missing; cannot predict the fold's validation cases again")
+            raise ToolError(f"{bundle / rel}: missing; cannot predict the fold's validation cases again")
     eval_dir = bundle / "eval"
     eval_dir.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=eval_dir, prefix=".validation.tmp"))
@@ -209,7 +176,7 @@ def regenerate_validation(facts: dict, dataset_dir_override=None, device=None) -
         result = subprocess.run(command, cwd=bundle, capture_output=True, text=True)
         if result.returncode != 0 or not (tmp / "validation").is_dir():
             tail = (result.stdout + result.stderr).strip().splitlines()[-5:]
-            raise _error(f"{bundle}: predicting its validation cases failed:\n  " + "\n  ".join(tail))
+            raise ToolError(f"{bundle}: predicting its validation cases failed:\n  " + "\n  ".join(tail))
         target = eval_dir / "validation"
         old = None
         if target.exists():
@@ -234,13 +201,13 @@ def collect_crossval(config: str, facts_by_fold: dict, out: Path) -> dict:
                 continue
             case = f.name[: -len(ending)]
             if case in owner:
-                raise _error(f"{f}: case {case} of {config} is predicted twice (folds {owner[case]} and {fold}); "
+                raise ToolError(f"{f}: case {case} of {config} is predicted twice (folds {owner[case]} and {fold}); "
                              "the folds' validation cases must not overlap")
             owner[case] = fold
             shutil.copyfile(f, out / f.name)
             npz[case] = folder / f"{case}.npz" if (folder / f"{case}.npz").is_file() else None
     if not owner:
-        raise _error(f"configuration {config}: no validation predictions in its folds' eval/validation")
+        raise ToolError(f"configuration {config}: no validation predictions in its folds' eval/validation")
     return npz
 
 
@@ -274,7 +241,7 @@ def ensemble_pair(a: str, b: str, npz: dict, crossval: dict, out: Path, spec: di
     from bundles.scripts.ensemble import average_probability_files, probabilities_to_labels, write_label_map
 
     if set(npz[a]) != set(npz[b]):
-        raise _error(f"configurations {a} and {b} did not predict the same validation cases "
+        raise ToolError(f"configurations {a} and {b} did not predict the same validation cases "
                      f"(only in {a}: {sorted(set(npz[a]) - set(npz[b]))[:5]}, "
                      f"only in {b}: {sorted(set(npz[b]) - set(npz[a]))[:5]})")
     out.mkdir(parents=True)
@@ -283,7 +250,7 @@ def ensemble_pair(a: str, b: str, npz: dict, crossval: dict, out: Path, spec: di
         files = [npz[a][case], npz[b][case]]
         for config, f in zip((a, b), files):
             if f is None:
-                raise _error(f"{crossval[config]}: no probabilities (CASE.npz) for {case}")
+                raise ToolError(f"{crossval[config]}: no probabilities (CASE.npz) for {case}")
         probabilities = average_probability_files(files)
         seg = probabilities_to_labels(probabilities, spec.get("labels"), spec.get("regions_class_order"))
         write_label_map(seg, crossval[a] / f"{case}{ending}", out / f"{case}{ending}")
@@ -321,7 +288,7 @@ def determine_postprocessing(folder: Path, summary: dict, labels_dir: Path, spec
     ending = spec.get("file_ending", ".nii.gz")
     keys = labels_or_regions(spec["labels"])
     if any(isinstance(k, tuple) for k in keys):
-        raise _error("region-based labels are not supported by the bundles' postprocessing")
+        raise ToolError("region-based labels are not supported by the bundles' postprocessing")
     foreground = [int(k) for k in keys]
     steps = []
     current_folder, current = folder, summary
@@ -398,7 +365,7 @@ def report_markdown(report: dict) -> str:
                   "    python -m monai.bundle run --config_file configs/inference.json --dataset_dir IMAGES "
                   "--output_dir OUT", "",
                   "or, with the member bundles in place:", "",
-                  "    python tools/ensemble.py " + " ".join(report["best"]["bundles"]) +
+                  "    autoplan ensemble " + " ".join(report["best"]["bundles"]) +
                   " --dataset-dir IMAGES --output-dir OUT --postprocessing selection/postprocessing.json"]
     if report["regenerated"]:
         lines += ["", "Validation predictions made again (for probabilities): " + ", ".join(report["regenerated"])
@@ -431,21 +398,21 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
         device: device for regenerated validation predictions (e.g. cpu).
         no_bundle: skip building the final ensemble bundle.
     """
-    ensemble = _tools()
     bundles_dir = Path(str(bundles_dir))
     if not bundles_dir.is_dir():
-        raise _error(f"{bundles_dir}: no such folder")
+        raise ToolError(f"{bundles_dir}: no such folder")
     folds = _as_list(folds, int)
     wanted = _as_list(configurations)
     found = find_bundles(bundles_dir)
     if not found:
-        raise _error(f"{bundles_dir}: no bundles named <Dataset>_<configuration>_fold<k> with configs/inference.json")
+        raise ToolError(f"{bundles_dir}: no bundles named <Dataset>_<configuration>_fold<k> with "
+                        "configs/inference.json")
     if dataset is not None:
         if str(dataset) not in found:
-            raise _error(f"{bundles_dir}: no bundles of dataset {dataset} (found {', '.join(sorted(found))})")
+            raise ToolError(f"{bundles_dir}: no bundles of dataset {dataset} (found {', '.join(sorted(found))})")
         found = {str(dataset): found[str(dataset)]}
     if len(found) > 1:
-        raise _error(f"{bundles_dir}: bundles of several datasets ({', '.join(sorted(found))}); pass --dataset NAME")
+        raise ToolError(f"{bundles_dir}: bundles of several datasets ({', '.join(sorted(found))}); pass --dataset NAME")
     dataset, configs = next(iter(found.items()))
     candidates, skipped = choose_candidates(configs, folds, wanted, bundles_dir)
     # members of all candidates (and previous stages) must share labels and channels
@@ -460,11 +427,11 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
     for c in facts:
         for f, fact in facts[c].items():
             if fact["spec"].get("labels") != spec.get("labels"):
-                raise _error(f"{fact['bundle'] / 'configs' / 'dataset.json'}: labels differ from "
+                raise ToolError(f"{fact['bundle'] / 'configs' / 'dataset.json'}: labels differ from "
                              f"{facts[candidates[0]][folds[0]]['bundle'] / 'configs' / 'dataset.json'}")
     labels_dir = Path(facts[candidates[0]][folds[0]]["dataset_dir"]) / "labelsTr"
     if not labels_dir.is_dir():
-        raise _error(f"{labels_dir}: no such folder (the reference labels; pass --dataset-dir if the dataset moved)")
+        raise ToolError(f"{labels_dir}: no such folder (the reference labels; pass --dataset-dir if the dataset moved)")
     need_npz = len(candidates) > 1 and not disable_ensembling
     regenerated = []
     for c in order_configurations(needed):  # previous stages first: a cascade's validation reads theirs
@@ -539,9 +506,8 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
           f"report: {selection / 'report.md'}")
 
 
-def main(argv=None) -> int:
-    ensemble = _tools()
-    return ensemble.run_cli({}, select, __doc__, argv, "select.py")
+def main(argv=None, prog="find_best.py") -> int:
+    return ensemble.run_cli({}, select, __doc__, argv, prog)
 
 
 if __name__ == "__main__":
