@@ -281,7 +281,7 @@ def test_data_workers_live_through_training_and_end_with_it(emitted, tmp_path, m
 def test_engine_defaults_twelve_workers_and_compile_on_request(emitted):
     """nnU-Net's 12 data-augmentation workers, capped at the usable cores, and its validation share of them
     (``max(1, W // 2)``; none when the training loads in-process). ``torch.compile`` is off by default (it
-    did not speed up Hippocampus on an H100, see the README); ``--compile True`` hands the network to both engines
+    did not speed up Hippocampus on an H100, see docs/benchmarks.md); ``--compile True`` hands the network to both engines
     compiled, and the state dict stays the plain module's."""
     import torch
     from monai.bundle import ConfigParser
