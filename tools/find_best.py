@@ -134,8 +134,8 @@ def fold_facts(bundle: Path, dataset_dir_override=None) -> dict:
 
         dataset_dir = find_dataset(bundle, train.get("dataset_name", ""))
     if not dataset_dir:
-        raise _error(f"{train_path}: the dataset of {bundle.name} is not found on this machine (no "
-                     f"{bundle.parent / 'dataset_dir.txt'}, no $nnUNet_raw); pass --dataset-dir")
+        raise ToolError(f"{train_path}: the dataset of {bundle.name} is not found on this machine (no "
+                        f"{bundle.parent / 'dataset_dir.txt'}, no $nnUNet_raw); pass --dataset-dir")
     return {"bundle": bundle, "val_cases": val_cases, "dataset_dir": dataset_dir, "spec": dataset,
             "file_ending": dataset.get("file_ending", ".nii.gz")}
 
