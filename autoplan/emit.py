@@ -199,7 +199,8 @@ From this folder:
     python -m monai.bundle run training --config_file configs/train.json --dataset_dir /path/to/Dataset --tracking mlflow
     torchrun --nproc_per_node=2 -m monai.bundle run training --config_file "['configs/train.json','configs/multi_gpu_train.json']"
 
-Training resumes from `models/checkpoint_latest.pt` when interrupted. Outputs: `models/model.pt` (final weights,
+An interrupted training resumes from `models/resume/checkpoint_latest.pt` when rerun with the same
+`epochs` and data; any other rerun starts a new training from `models/model.pt`. Outputs: `models/model.pt` (final weights,
 used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
 the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
 `../preprocessed/` (shared by the folds; override `--cache_dir`). `--initial_weights PATH` starts from saved weights
@@ -217,6 +218,19 @@ Each id below can be overridden on the command line (`--ID VALUE`); these are th
 
 `--use_tta False` disables mirroring; `--save_probabilities True` also writes `CASE.npz` for ensembling. Inputs are
 folders of `CASE_XXXX{train['file_ending']}` files (one per channel), or a single image file.
+
+## MONAI Label
+MONAI Label's `monaibundle` sample app serves and trains this bundle (MONAI Label 0.8.5):
+
+    pip install monailabel==0.8.5 "pydicom<3"
+    monailabel apps --download --name monaibundle --output apps
+    cp -r {name} apps/monaibundle/model/{name}
+    monailabel start_server --app apps/monaibundle --studies STUDIES --conf models {name} --conf zoo_source github
+
+(`zoo_source` other than `monaihosting` makes the app use the local folder and download nothing.) Inference returns
+the label map in the image's geometry. "Train" uses the studies' `labels/final/` (split 80/20); each request trains
+`max_epochs` epochs on from `models/model.pt`, with the learning-rate schedule over those epochs, and an edited
+label is preprocessed again. Only `models/model.pt` and `models/model_best.pt` are offered as models.
 
 ## Deploy
 `configs/inference.json` has the standard ids (`network_def`, `preprocessing`, `inferer`, `postprocessing`) and

@@ -147,7 +147,7 @@ def test_verify_net_in_out(emitted):
 
 def test_training_writes_models_progress_and_validation(trained_3d):
     raw, bundle = trained_3d
-    for f in ("models/model.pt", "models/model_best.pt", "models/checkpoint_latest.pt", "eval/progress.png",
+    for f in ("models/model.pt", "models/model_best.pt", "models/resume/checkpoint_latest.pt", "eval/progress.png",
               "eval/validation/summary.json"):
         assert (bundle / f).is_file(), f
     assert list((bundle / "eval" / "tensorboard").iterdir())
@@ -160,11 +160,27 @@ def test_training_writes_models_progress_and_validation(trained_3d):
     assert (bundle.parent / "preprocessed").is_dir()  # the shared cache
 
 
-def test_resume_continues_from_the_last_epoch(trained_3d):
-    raw, bundle = trained_3d
+def test_resume_continues_from_the_last_epoch(trained_3d, tmp_path):
+    """A 2-epoch run interrupted after epoch 1 resumes at epoch 2 when rerun with the same length and data."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    raw, trained = trained_3d
+    bundle = shutil.copytree(trained, tmp_path / trained.name, ignore=shutil.ignore_patterns("models", "eval"))
+    with bundle_on_path(bundle):
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs/train.json"))
+        for key, value in {"bundle_root": str(bundle), "dataset_dir": str(raw), "epochs": 2, "num_workers": 0,
+                           "iterations_per_epoch": 2, "val_iterations": 1}.items():
+            parser[key] = value
+        parser.get_parsed_content("initialize")
+        trainer = parser.get_parsed_content("train#trainer")
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
+        trainer.run()  # interrupted after epoch 1
+    assert json.loads((bundle / "eval/progress.json").read_text())["epoch"] == [1]
     result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
-                        *FAST[2:], "--tracking", "mlflow")
-    assert "resumed from" in result.stdout + result.stderr
+                        *FAST[2:], "--tracking", "mlflow", "--dataset_dir", raw)
+    assert "resumed from" in result.stdout + result.stderr and "at epoch 1 of 2" in result.stdout + result.stderr
     progress = json.loads((bundle / "eval/progress.json").read_text())
     assert progress["epoch"] == [1, 2]
     import mlflow  # MONAI's --tracking mlflow wrote the run through the standard handler ids

@@ -133,11 +133,12 @@ def setup(tmp_path_factory):
                 if "_2d_" in bundle.name:
                     constant_background(network)
                 torch.save(network.state_dict(), bundle / "models" / "model.pt")
+                from scripts.data import list_cases
                 from scripts.inference import predict_validation
 
                 train = json.loads((bundle / "configs" / "train.json").read_text())
-                predict_validation(bundle, raw / "imagesTr", raw / "labelsTr", train["val_cases"],
-                                   bundle / "eval" / "validation", "cpu", True)
+                datalist = list_cases(raw / "imagesTr", ".nii.gz", 1, raw / "labelsTr", train["val_cases"])
+                predict_validation(bundle, datalist, bundle / "eval" / "validation", "cpu", True)
             finally:
                 clean_scripts(str(bundle))
     for fold in FOLDS:

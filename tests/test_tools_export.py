@@ -50,7 +50,8 @@ def bundle(tmp_path_factory):
         _purge_scripts()
     (bundle / "eval" / "predictions").mkdir(parents=True)
     (bundle / "eval" / "predictions" / "case_000.nii.gz").write_bytes(b"prediction")
-    (bundle / "models" / "checkpoint_latest.pt").write_bytes(b"resume state")
+    (bundle / "models" / "resume").mkdir()
+    (bundle / "models" / "resume" / "checkpoint_latest.pt").write_bytes(b"resume state")
     (bundle / "scripts" / "__pycache__").mkdir(exist_ok=True)
     (bundle / "scripts" / "__pycache__" / "data.cpython-311.pyc").write_bytes(b"cache")
     return raw, bundle

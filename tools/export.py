@@ -10,7 +10,7 @@ Usage (``python tools/export.py`` takes the same arguments)::
 bundle folder's name, the top folder inside is called NAME). Entries are ZIP_DEFLATED, in sorted order, with a fixed
 timestamp (1980-01-01) and fixed permissions (0644, 0755 for executables), so the same folder always gives the same
 bytes. Left out: ``__pycache__/`` and ``*.pyc``/``*.pyo``; ``eval/`` (predictions, logs, TensorBoard) unless
-``--include-eval``; ``models/checkpoint_latest.pt`` (the resume state) unless ``--include-checkpoint``. Empty folders
+``--include-eval``; ``models/resume/checkpoint_latest.pt`` (the resume state) unless ``--include-checkpoint``. Empty folders
 are kept as folder entries. Symlinks are stored as the files they point to. The zip is written to a temporary name,
 then checked: every CRC, and ``load_bundle_config(zip, "inference.json")`` (plus every other ``configs/*.json``)
 reading the configs straight from the zip; only then is it moved to NAME.zip.
@@ -43,7 +43,7 @@ EXIT_BAD_INPUT = 2
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 CACHE_DIRS = {"__pycache__"}
 CACHE_SUFFIXES = (".pyc", ".pyo")
-CHECKPOINT = "models/checkpoint_latest.pt"
+CHECKPOINT = "models/resume/checkpoint_latest.pt"
 
 
 class BundleError(Exception):
@@ -374,7 +374,7 @@ def export(bundle, out, include_eval: bool = False, include_checkpoint: bool = F
         bundle: the bundle folder (with configs/metadata.json and configs/inference.json).
         out: the zip to write, NAME.zip; its top folder is NAME.
         include_eval: also archive eval/ (predictions, logs, TensorBoard).
-        include_checkpoint: also archive models/checkpoint_latest.pt (resume state).
+        include_checkpoint: also archive models/resume/checkpoint_latest.pt (resume state).
     """
     path = _guarded(export_bundle, str(bundle), str(out), bool(include_eval), bool(include_checkpoint))
     with zipfile.ZipFile(path) as archive:

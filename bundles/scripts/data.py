@@ -1,7 +1,8 @@
 """Training data: the per-configuration preprocessing cache and nnU-Net's patch sampling (spec 4 and 5.3).
 
 Preprocessing runs once per configuration: each case is written atomically to ``cache_dir`` (shared by all folds)
-and skipped when already there. Patches are then cut from memory-mapped arrays, so an epoch costs no resampling.
+and skipped while its source files are unchanged (name, size, modification time), so an edited label is preprocessed
+again. Patches are then cut from memory-mapped arrays, so an epoch costs no resampling.
 MONAI's crop samplers cannot express nnU-Net's "the last third of every batch is forced onto foreground", so the
 sampler below implements it; augmentation stays with MONAI transforms applied afterwards.
 """
@@ -98,7 +99,7 @@ def with_previous_stage(datalist: list[dict], folders, file_ending: str) -> list
         return datalist
     items = []
     for item in datalist:
-        case = item.get("case") or case_name({"filename_or_obj": item["image"]})["subject"]
+        case = item.get("case") or case_name({"filename_or_obj": channel_files(item["image"])[0]})["subject"]
         found = [os.path.join(str(f), case + file_ending) for f in folders
                  if os.path.isfile(os.path.join(str(f), case + file_ending))]
         if not found:
@@ -106,6 +107,29 @@ def with_previous_stage(datalist: list[dict], folders, file_ending: str) -> list
                                     "train (or predict with) the 3d_lowres bundles first")
         items.append({**item, "prev": found[0]})
     return items
+
+
+def channel_files(image) -> list[str]:
+    """A case's image as a list of channel files: MONAI Label hands over one path, ``list_cases`` a list."""
+    return [str(image)] if isinstance(image, (str, os.PathLike)) else [str(f) for f in image]
+
+
+def case_of(item: dict) -> str:
+    """The case identifier of a datalist item: ``case``, else the label's (or image's) file name without ending."""
+    source = item.get("label") or channel_files(item["image"])[0]
+    return item.get("case") or case_name({"filename_or_obj": source})["subject"]
+
+
+def datalist_key(datalist: list[dict]) -> str:
+    """Identifies the training data of a run (the cases and their files), so that a resumed run is the same run."""
+    listing = sorted((case_of(item), channel_files(item["image"]), str(item.get("label"))) for item in datalist)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
+def source_stamp(item: dict) -> list:
+    """Name, size and modification time of a case's source files: an edited image or label changes it."""
+    files = channel_files(item["image"]) + [str(item[k]) for k in ("label", "prev") if item.get(k)]
+    return [[os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
 
 
 def case_name(metadict: dict, saver=None) -> dict:
@@ -177,7 +201,7 @@ def preprocess_to_cache(datalist: list[dict], plans: dict, configuration: str, c
         identifier += "_with_previous_stage"
     folder = cache_folder(cache_root, identifier, plan)
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [item for item in datalist if not (folder / f"{item['case']}.json").is_file()]
+    todo = [item for item in datalist if not _cached(folder / f"{item['case']}.json", item)]
     jobs = [(item, plan, foreground_labels, ignore_label, str(folder)) for item in todo]
     if not jobs:
         return folder
@@ -202,10 +226,18 @@ def preprocess_to_cache(datalist: list[dict], plans: dict, configuration: str, c
     return folder
 
 
+def _cached(properties_file: Path, item: dict) -> bool:
+    """A case is cached when its properties (written last) record the current source files' stamp."""
+    if not properties_file.is_file():
+        return False
+    return json.loads(properties_file.read_text()).get("sources") == source_stamp(item)
+
+
 def _preprocess_job(job):
     item, plan, foreground_labels, ignore_label, folder = job
     folder = Path(folder)
-    data, seg, spacing = load_case(item["image"], item.get("label"))
+    sources = source_stamp(item)  # taken before reading, so that a file edited meanwhile is read again next time
+    data, seg, spacing = load_case(channel_files(item["image"]), item.get("label"))
     data, seg, props = preprocess_case(data, spacing, plan, seg)
     seg = seg.astype(np.int8 if seg.max() <= 127 else np.int16)
     if "prev" in item:
@@ -218,7 +250,7 @@ def _preprocess_job(job):
     tmp = folder / f".{item['case']}_locations.{os.getpid()}.npz"
     np.savez(tmp, **locations)
     os.replace(tmp, folder / f"{item['case']}_locations.npz")
-    props["case"] = item["case"]
+    props["case"], props["sources"] = item["case"], sources
     text = json.dumps(props)
     tmp = folder / f".{item['case']}.{os.getpid()}.json"
     tmp.write_text(text)
@@ -276,8 +308,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, data: list[dict], plans: dict, configuration: str, cache_root, foreground_labels: list,
                  patch_size, final_patch_size, batch_size: int, length: int, oversample_foreground: float = 0.33,
                  transform=None, two_d: bool = False, ignore_label: int | None = None, num_workers: int = 0):
-        data = [dict(item, case=item.get("case") or case_name({"filename_or_obj": item["label"]})["subject"])
-                for item in data]
+        data = [dict(item, case=case_of(item)) for item in data]
         self.cache_dir = _preprocess_once(data, plans, configuration, cache_root, foreground_labels, ignore_label,
                                           num_workers)
         self.cases = [item["case"] for item in data]

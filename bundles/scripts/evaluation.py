@@ -198,14 +198,19 @@ def evaluate_folder(reference_dir, prediction_dir, file_ending: str, labels: dic
                              f"{', '.join(missing)} (pass chill=True to evaluate only the predicted cases)")
     if not predictions:
         raise ValueError(f"no predictions ending in {file_ending!r} in {prediction_dir}")
-    keys = labels_or_regions(labels)
     jobs = [(os.path.join(reference_dir, f), os.path.join(prediction_dir, f)) for f in predictions]
-    n = len(jobs)
+    return evaluate_files(jobs, labels, ignore_label, processes, output_file)
+
+
+def evaluate_files(pairs: list, labels: dict, ignore_label=None, processes: int = 1, output_file=None) -> dict:
+    """Every ``(reference file, prediction file)`` pair scored and summarised as nnU-Net's ``summary.json``."""
+    keys = labels_or_regions(labels)
+    n = len(pairs)
     if processes > 1 and n > 1:
         with ProcessPoolExecutor(min(processes, n), mp_context=multiprocessing.get_context("spawn")) as pool:
-            per_case = list(pool.map(evaluate_case, *zip(*jobs), [keys] * n, [ignore_label] * n))
+            per_case = list(pool.map(evaluate_case, *zip(*pairs), [keys] * n, [ignore_label] * n))
     else:
-        per_case = [evaluate_case(r, p, keys, ignore_label) for r, p in jobs]
+        per_case = [evaluate_case(r, p, keys, ignore_label) for r, p in pairs]
     summary = summarize(per_case, keys)
     if output_file is not None:
         save_summary(summary, output_file)

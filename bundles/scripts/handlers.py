@@ -36,16 +36,21 @@ def save_atomic(obj, path: Path) -> None:
 class TrainingProgress:
     """Attach to the trainer after the ValidationHandler (so the epoch's validation has run).
 
-    Writes ``models/checkpoint_latest.pt`` (resume state) each epoch, ``models/model_best.pt`` when the EMA
-    pseudo-Dice strictly improves, ``models/model.pt`` (final weights, a plain state dict) at the end, and
-    ``progress.png`` + ``progress.json`` in ``output_dir``. Only rank 0 writes (``enabled``).
+    Writes ``models/resume/checkpoint_latest.pt`` (resume state; outside ``models/*.pt``, which MONAI Label offers
+    as models) each epoch, ``models/model_best.pt`` when the EMA pseudo-Dice strictly improves, ``models/model.pt``
+    (final weights, a plain state dict) at the end, and ``progress.png`` + ``progress.json`` in ``output_dir``. Only
+    rank 0 writes (``enabled``).
+
+    A run resumes only an interrupted run of the same length on the same training data (``data_key``); any other
+    start (a finished run, another ``max_epochs``, other data: MONAI Label's next "Train") is a new run that starts
+    from ``models/model.pt`` when it exists, so each request trains on from the last weights. The log says which.
     """
 
     def __init__(self, network, optimizer, lr_scheduler, metric, ckpt_dir, output_dir, enabled: bool = True,
-                 resume: bool = True):
+                 resume: bool = True, data_key: str = ""):
         self.network, self.optimizer, self.lr_scheduler, self.metric = network, optimizer, lr_scheduler, metric
         self.ckpt_dir, self.output_dir = Path(ckpt_dir), Path(output_dir)
-        self.enabled, self.resume = enabled, resume
+        self.enabled, self.resume, self.data_key = enabled, resume, data_key
         self.history = {"epoch": [], "train_loss": [], "val_pseudo_dice": [], "val_ema": [], "lr": [],
                         "epoch_seconds": []}
         self.best_ema = None
@@ -54,7 +59,7 @@ class TrainingProgress:
 
     @property
     def latest_path(self) -> Path:
-        return self.ckpt_dir / "checkpoint_latest.pt"
+        return self.ckpt_dir / "resume" / "checkpoint_latest.pt"
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -64,9 +69,17 @@ class TrainingProgress:
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def started(self, engine: Engine) -> None:
-        if not (self.resume and self.latest_path.is_file()):
+        state = torch.load(self.latest_path, map_location="cpu", weights_only=True) if (
+            self.resume and self.latest_path.is_file()) else None
+        why = self._why_not_resume(state, engine.state.max_epochs)
+        if why:
+            final = self.ckpt_dir / "model.pt"
+            if state is not None and final.is_file():
+                _unwrap(self.network).load_state_dict(torch.load(final, map_location="cpu", weights_only=True))
+                logger.info(f"new training from {final} ({why})")
+            elif state is not None:
+                logger.info(f"new training ({why})")
             return
-        state = torch.load(self.latest_path, map_location="cpu", weights_only=False)
         _unwrap(self.network).load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -75,7 +88,19 @@ class TrainingProgress:
         self.metric.ema, self.best_ema, self.history = state["ema"], state["best_ema"], state["history"]
         engine.state.epoch = state["epoch"]
         engine.state.iteration = state["epoch"] * engine.state.epoch_length
-        logger.info(f"resumed from {self.latest_path} at epoch {state['epoch']}")
+        logger.info(f"resumed from {self.latest_path} at epoch {state['epoch']} of {state['max_epochs']}")
+
+    def _why_not_resume(self, state, max_epochs: int) -> str:
+        """"" when ``state`` is an interrupted run of this length and data, else the reason to start anew."""
+        if state is None:
+            return "no checkpoint to resume"
+        if state.get("max_epochs") != max_epochs:
+            return f"the checkpoint's run had {state.get('max_epochs')} epochs, this one has {max_epochs}"
+        if state.get("data_key") != self.data_key:
+            return "the checkpoint's run trained on other data"
+        if state["epoch"] >= max_epochs:
+            return f"the checkpoint's run finished all {max_epochs} epochs"
+        return ""
 
     def epoch_started(self, engine: Engine) -> None:
         self._losses = []
@@ -105,7 +130,8 @@ class TrainingProgress:
         scaler = getattr(engine, "scaler", None)
         save_atomic({"network": weights, "optimizer": self.optimizer.state_dict(),
                      "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                     "epoch": engine.state.epoch, "ema": self.metric.ema, "best_ema": self.best_ema,
+                     "epoch": engine.state.epoch, "max_epochs": engine.state.max_epochs,
+                     "data_key": self.data_key, "ema": self.metric.ema, "best_ema": self.best_ema,
                      "history": self.history}, self.latest_path)
         self.plot()
 

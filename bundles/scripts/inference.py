@@ -9,6 +9,7 @@ that calls ``inferer(inputs, network)`` gets nnU-Net's prediction.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -75,25 +76,28 @@ class SaveProbabilitiesd(MapTransform):
         return d
 
 
-def predict_validation(bundle_root, images_dir, labels_dir, cases, output_dir, device=None,
-                       save_probabilities: bool = False, previous_stage_dirs=None, network_def=None) -> dict:
-    """Predict a fold's validation cases with ``configs/inference.json`` and evaluate them (``summary.json``).
+def predict_validation(bundle_root, datalist: list, output_dir, device=None, save_probabilities: bool = False,
+                       network_def=None) -> dict | None:
+    """Predict a run's validation data with ``configs/inference.json`` and evaluate it (``summary.json``).
 
-    A cascade bundle finds each case's previous-stage prediction in ``previous_stage_dirs``. ``network_def`` is the
-    training config's network, so that a network replaced in training (an extra config file) is the one predicting;
-    ``models/model.pt`` is loaded into it.
+    ``datalist`` is what the run validated on (``validate#dataset#data``: the fold's cases, or the list MONAI Label
+    hands over), items with ``image`` (one file or a list of channel files), ``label`` and, for a cascade, ``prev``.
+    ``network_def`` is the training config's network, so that a network replaced in training (an extra config file)
+    is the one predicting; ``models/model.pt`` is loaded into it. Without validation data it logs that and returns
+    None.
     """
     from monai.bundle import ConfigWorkflow
 
-    from .data import list_cases, with_previous_stage
-    from .evaluation import evaluate_folder
+    from .data import case_of
+    from .evaluation import evaluate_files
 
+    if not datalist:
+        logging.getLogger(__name__).info("no validation data: the final validation is skipped")
+        return None
     bundle_root = Path(bundle_root)
     config = json.loads((bundle_root / "configs" / "inference.json").read_text())
-    datalist = list_cases(images_dir, config["file_ending"], config["num_channels"], cases=list(cases))
-    if previous_stage_dirs:
-        datalist = with_previous_stage(datalist, previous_stage_dirs, config["file_ending"])
-    overrides = {"bundle_root": str(bundle_root), "output_dir": str(output_dir), "datalist": datalist,
+    items = [{k: v for k, v in item.items() if k in ("image", "prev")} for item in datalist]
+    overrides = {"bundle_root": str(bundle_root), "output_dir": str(output_dir), "datalist": items,
                  "save_probabilities": save_probabilities}
     if device is not None:
         overrides["device"] = device
@@ -105,7 +109,8 @@ def predict_validation(bundle_root, images_dir, labels_dir, cases, output_dir, d
     workflow.initialize()
     workflow.run()
     workflow.finalize()
+    pairs = [(str(item["label"]), os.path.join(str(output_dir), case_of(item) + config["file_ending"]))
+             for item in datalist]
     labels = config["labels"]
-    ignore = labels.get("ignore")
-    return evaluate_folder(labels_dir, output_dir, config["file_ending"], labels, ignore_label=ignore,
-                           output_file=str(Path(output_dir) / "summary.json"), chill=True)
+    return evaluate_files(pairs, labels, ignore_label=labels.get("ignore"),
+                          output_file=str(Path(output_dir) / "summary.json"))

@@ -10,13 +10,14 @@ normalization, which is why this module exists.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import LoadImage, MapTransform
 
 from .cropping import crop_to_nonzero
 from .resampling import compute_new_shape, resample_data_or_seg_to_shape
@@ -215,7 +216,7 @@ class NnUNetPreprocessd(MapTransform):
                  foreground_labels=(), allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.plan = PlanSettings.from_plans(plans, configuration)
-        self.previous_key = previous_key  # cascade: the previous stage's prediction, appended as one-hot channels
+        self.previous_key = previous_key  # cascade: the previous stage's prediction (loaded or a file) as channels
         self.foreground_labels = list(foreground_labels)
 
     def __call__(self, data):
@@ -226,7 +227,10 @@ class NnUNetPreprocessd(MapTransform):
             nn_array, spacing = to_nnunet_order(array, spacing_from_meta(image))
             pre, _, props = preprocess_case(nn_array, spacing, self.plan)
             if self.previous_key is not None:
-                previous, _ = to_nnunet_order(np.asarray(d.pop(self.previous_key)), spacing[::-1])
+                previous = d.pop(self.previous_key)
+                if isinstance(previous, (str, os.PathLike)):  # a file: loaded here, so LoadImaged loads only the image
+                    previous = LoadImage(image_only=True, ensure_channel_first=True)(previous)
+                previous, _ = to_nnunet_order(np.asarray(previous), spacing[::-1])
                 previous = preprocess_previous_stage(previous, props, self.plan)
                 pre = np.concatenate([pre, one_hot(previous, self.foreground_labels)])
             props["spatial_dims"] = array.ndim - 1
