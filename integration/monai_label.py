@@ -80,17 +80,24 @@ def prepare(work: Path, monailabel: Path) -> tuple[Path, Path, list[str]]:
     subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
                     "--epochs", "1", "--dataset_dir", str(raw)], cwd=bundle, check=True, capture_output=True)
     studies = work / "studies"
+    return bundle, studies, write_studies(raw, studies)
+
+
+def write_studies(raw: Path, studies: Path) -> list[str]:
+    """MONAI Label's studies layout from a single-channel raw dataset: ``CASE.nii.gz`` images, the training labels in
+    ``labels/final/``. Returns the unlabelled (``imagesTs``) cases."""
     (studies / "labels" / "final").mkdir(parents=True)
-    for image in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
-        case = image.name[: -len("_0000.nii.gz")]
-        shutil.copyfile(image, studies / f"{case}.nii.gz")
-        shutil.copyfile(raw / "labelsTr" / f"{case}.nii.gz", studies / "labels" / "final" / f"{case}.nii.gz")
     unlabelled = []
-    for image in sorted((raw / "imagesTs").glob("*_0000.nii.gz")):
-        case = image.name[: -len("_0000.nii.gz")]
-        shutil.copyfile(image, studies / f"{case}.nii.gz")
-        unlabelled.append(case)
-    return bundle, studies, unlabelled
+    for folder in ("imagesTr", "imagesTs"):
+        for image in sorted((raw / folder).glob("*_0000.nii.gz")):
+            case = image.name[: -len("_0000.nii.gz")]
+            shutil.copyfile(image, studies / f"{case}.nii.gz")
+            label = raw / "labelsTr" / f"{case}.nii.gz"
+            if folder == "imagesTr":
+                shutil.copyfile(label, studies / "labels" / "final" / f"{case}.nii.gz")
+            else:
+                unlabelled.append(case)
+    return unlabelled
 
 
 class Server:

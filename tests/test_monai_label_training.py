@@ -21,6 +21,7 @@ import torch
 
 from autoplan.pipeline import run
 from autoplan.synthetic import make_synthetic_dataset
+from integration.monai_label import write_studies
 from test_bundles import bundle_on_path
 
 RUN = """
@@ -43,11 +44,7 @@ def app(tmp_path_factory):
     bundle = shutil.copytree(root / "work" / "bundles" / "Dataset962_Label_3d_fullres_fold0",
                              root / "app" / "model" / "autoplan_3d_fullres")
     studies = root / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
-    for image in sorted((raw / "imagesTr").glob("*_0000.nii.gz")):
-        case = image.name[: -len("_0000.nii.gz")]
-        shutil.copyfile(image, studies / f"{case}.nii.gz")
-        shutil.copyfile(raw / "labelsTr" / f"{case}.nii.gz", studies / "labels" / "final" / f"{case}.nii.gz")
+    write_studies(raw, studies)
     return bundle, studies
 
 
