@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# ../shared beside the checkout; AUTOPLAN_SHARED points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("AUTOPLAN_SHARED") or ROOT.parent / "shared")
 HIPPOCAMPUS = SHARED / "data" / "Dataset004_Hippocampus"
 HIPPOCAMPUS_PLANS = SHARED / "reference" / "nnunet_plans" / "Dataset004_Hippocampus"
 
@@ -49,3 +50,13 @@ def dataset_copy(synthetic_mr, tmp_path):
     dst = tmp_path / synthetic_mr.name
     shutil.copytree(synthetic_mr, dst)
     return dst
+
+
+def sklearn_splits(case_ids) -> list[dict]:
+    """nnU-Net's 5-fold splits computed by scikit-learn itself: ``KFold(5, shuffle=True, random_state=12345)`` over
+    the sorted case ids, the oracle for ``autoplan.splits.kfold_splits``."""
+    from sklearn.model_selection import KFold
+
+    cases = sorted(case_ids)
+    return [{"train": [cases[i] for i in train], "val": [cases[i] for i in val]}
+            for train, val in KFold(5, shuffle=True, random_state=12345).split(cases)]

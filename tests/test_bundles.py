@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import sklearn_splits
 from autoplan.emit import emit
 from autoplan.pipeline import run
-from autoplan.splits import kfold_splits
 from autoplan.synthetic import make_synthetic_dataset
 
 FAST = ["--epochs", "1", "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "0"]
@@ -85,8 +85,8 @@ def test_layout_metadata_and_splits(emitted):
     assert train["batch_size"] == plans["configurations"]["3d_fullres"]["batch_size"]
     assert (train["epochs"], train["iterations_per_epoch"], train["val_iterations"]) == (1000, 250, 50)
     cases = sorted(p.name[:-7] for p in (raw / "labelsTr").iterdir())
-    assert train["val_cases"] == kfold_splits(cases)[0]["val"]
-    assert json.loads((bundle.parent / "splits_final.json").read_text()) == kfold_splits(cases)
+    assert train["val_cases"] == sklearn_splits(cases)[0]["val"]
+    assert json.loads((bundle.parent / "splits_final.json").read_text()) == sklearn_splits(cases)
     assert json.loads((bundles["2d"] / "configs/train.json").read_text())["two_d"] is True
 
 

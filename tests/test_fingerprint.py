@@ -68,27 +68,60 @@ def test_fingerprint_schema_and_values(synthetic_mr, tmp_path):
     assert channel0["percentile_99_5"] <= channel0["max"] and channel0["std"] > 0
 
 
-def test_fingerprint_statistics_match_brute_force(tmp_path):
-    """Pool every foreground voxel of each case with equal per-case weight, as nnU-Net's sampling expects."""
+@pytest.fixture
+def small_foreground_ct(tmp_path):
+    """Three uncropped CT cases whose labels hold 4, 6 and 12 foreground voxels; returns (raw dir, [voxels], [shape])."""
     import SimpleITK as sitk
 
     raw = make_synthetic_dataset(tmp_path / "Dataset902_CT", cases=3, shape=(20, 20, 10), modality="CT", labels=2)
+    foreground, shapes = [], []
+    for i, (count, label_value) in enumerate([(4, 1), (6, 2), (12, 1)]):
+        image = sitk.ReadImage(str(raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz"))
+        label = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+        label.reshape(-1)[7:7 + 3 * count:3] = label_value  # scattered voxels, in raster order
+        written = sitk.GetImageFromArray(label)
+        written.CopyInformation(image)
+        sitk.WriteImage(written, str(raw / "labelsTr" / f"case_{i:03d}.nii.gz"))
+        foreground.append(sitk.GetArrayFromImage(image)[label > 0].astype(np.float64))
+        shapes.append(list(label.shape))
+    return raw, foreground, shapes
+
+
+def numpy_statistics(values) -> dict:
+    p005, p50, p995 = np.percentile(values, [0.5, 50, 99.5])
+    return {"max": values.max(), "mean": values.mean(), "median": p50, "min": values.min(), "percentile_00_5": p005,
+            "percentile_99_5": p995, "std": values.std()}
+
+
+def test_fingerprint_statistics_equal_brute_force_when_every_voxel_is_used(small_foreground_ct, monkeypatch):
+    """36 samples in all, 12 per case: each case's voxels count 12 / n times, i.e. 3, 2 and 1 times repeated."""
+    import autoplan.fingerprint
+
+    raw, foreground, shapes = small_foreground_ct
+    monkeypatch.setattr(autoplan.fingerprint, "TOTAL_SAMPLES", 36)
     fp, _ = extract_fingerprint(raw, processes=1)
-    pooled, weights = [], []
-    for case in sorted((raw / "labelsTr").iterdir()):
-        image = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTr" / f"{case.name[:-7]}_0000.nii.gz")))
-        label = sitk.GetArrayFromImage(sitk.ReadImage(str(case)))
-        voxels = image[label > 0].astype(np.float64)
-        pooled.append(voxels)
-        weights.append(np.full(voxels.size, 1.0 / voxels.size))
-    values, w = np.concatenate(pooled), np.concatenate(weights)
-    stats = fp["foreground_intensity_properties_per_channel"]["0"]
-    assert stats["mean"] == pytest.approx(np.average(values, weights=w), rel=1e-5)
-    assert stats["min"] == values.min() and stats["max"] == values.max()
-    # CT: air (-1000) everywhere outside the body, so nothing is cropped
-    assert fp["median_relative_size_after_cropping"] == 1.0
-    assert fp["shapes_after_crop"][0] == list(sitk.GetArrayFromImage(sitk.ReadImage(
-        str(raw / "imagesTr" / "case_000_0000.nii.gz"))).shape)
+    expanded = np.concatenate([np.repeat(v, 12 // len(v)) for v in foreground])
+    assert fp["foreground_intensity_properties_per_channel"]["0"] == pytest.approx(numpy_statistics(expanded),
+                                                                                   rel=1e-12, abs=1e-9)
+    for case, voxels in zip(fp["per_case"], foreground):
+        assert case["foreground_intensity_per_channel"]["0"] == pytest.approx(numpy_statistics(voxels), rel=1e-6)
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    assert [c["class_voxel_counts"] for c in fp["per_case"]] == [
+        {"0": sizes[0] - 4, "1": 4}, {"0": sizes[1] - 6, "2": 6}, {"0": sizes[2] - 12, "1": 12}]
+    assert fp["median_relative_size_after_cropping"] == 1.0  # CT: air everywhere, nothing cropped
+    assert fp["shapes_after_crop"] == shapes
+
+
+def test_fingerprint_statistics_equal_nnunets_draw_when_cases_are_large(small_foreground_ct, monkeypatch):
+    """3 samples per case, fewer than any case's foreground: nnU-Net's draw with replacement (RandomState(1234))."""
+    import autoplan.fingerprint
+
+    raw, foreground, _ = small_foreground_ct
+    monkeypatch.setattr(autoplan.fingerprint, "TOTAL_SAMPLES", 9)
+    fp, _ = extract_fingerprint(raw, processes=1)
+    drawn = np.concatenate([np.random.RandomState(1234).choice(v, 3, replace=True) for v in foreground])
+    assert fp["foreground_intensity_properties_per_channel"]["0"] == pytest.approx(numpy_statistics(drawn),
+                                                                                   rel=1e-12, abs=1e-9)
 
 
 def test_two_dimensional_png_dataset(tmp_path):
