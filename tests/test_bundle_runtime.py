@@ -83,39 +83,74 @@ def test_augmentation_settings_follow_the_patch():
     assert augmentation_settings([512, 128])["rotation"] == pytest.approx(15 / 180 * np.pi)
 
 
-def cached_dataset(cache, seg, ignore_label=None, batch_size=3):
-    """A PatchDataset over one hand-written cached case (skipping the preprocessing of real files)."""
-    from bundles.scripts.data import foreground_locations
+def patch_dataset(root, seg, batch_size, oversample=0.33, ignore_label=None, length=300):
+    """A PatchDataset built by its constructor over one 1 mm CT case with label map ``seg``: raw files, fingerprint,
+    plans and the preprocessing cache are all made for real; patches are 8^3."""
+    import SimpleITK as sitk
 
-    cache.mkdir()
-    np.save(cache / "a_data.npy", np.random.rand(1, *seg.shape[1:]).astype(np.float32))
-    np.save(cache / "a_seg.npy", seg)
-    np.savez(cache / "a_locations.npz", **foreground_locations(seg, [1], np.random.RandomState(0), ignore_label))
-    ds = PatchDataset.__new__(PatchDataset)
-    ds.__dict__.update(cache_dir=cache, cases=["a"], patch_size=[8, 8, 8], final_patch_size=[8, 8, 8],
-                       batch_size=batch_size, length=300, first_forced=round(batch_size * 0.67), transform=None,
-                       two_d=False, ignore_label=ignore_label, _rng=None, _seed=None)
-    return ds
+    from autoplan.fingerprint import extract_fingerprint
+    from autoplan.planner import plan as make_plans
+
+    raw = root / "Dataset999_One"
+    for folder in ("imagesTr", "labelsTr"):
+        (raw / folder).mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, seg.shape[1:]).astype(np.float32)),
+                    str(raw / "imagesTr" / "a_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(seg[0].astype(np.uint8)), str(raw / "labelsTr" / "a.nii.gz"))
+    labels = {"background": 0, "fg": 1, **({"ignore": ignore_label} if ignore_label is not None else {})}
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    plans = make_plans(dataset_json, extract_fingerprint(raw, processes=1)[0])
+    data = [{"image": [str(raw / "imagesTr" / "a_0000.nii.gz")], "label": str(raw / "labelsTr" / "a.nii.gz")}]
+    return PatchDataset(data, plans, "3d_fullres", root / "cache", [1], [8, 8, 8], [8, 8, 8], batch_size, length,
+                        oversample, ignore_label=ignore_label)
 
 
-def test_patch_dataset_forces_foreground_for_the_last_third(tmp_path):
+@pytest.mark.parametrize("batch_size, forced_positions", [(2, {1}), (9, {6, 7, 8}), (4, {1, 2, 3})])
+def test_patch_dataset_forces_foreground_for_nnunets_share_of_each_batch(tmp_path, batch_size, forced_positions):
+    """Sample j of a batch is centred on foreground iff j >= round(batch_size * 0.67): 1 of 2, the last 3 of 9; a
+    share of 0.75 (a DDP rank's) forces 3 of 4. The other samples are uniform and rarely meet a 3^3 object."""
     seg = np.zeros((1, 40, 40, 40), np.int8)
     seg[0, 30:33, 30:33, 30:33] = 1
-    ds = cached_dataset(tmp_path / "cache", seg)
-    forced = [bool((ds[i]["label"] > 0).any()) for i in range(2, 300, 3)]
-    random = [bool((ds[i]["label"] > 0).any()) for i in range(0, 300, 3)]
-    assert all(forced)
-    assert sum(random) < len(random) / 2
-    assert ds[0]["image"].shape == (1, 8, 8, 8) and ds[0]["label"].dtype == torch.float32
+    ds = patch_dataset(tmp_path, seg, batch_size, 0.75 if batch_size == 4 else 0.33, length=40 * batch_size)
+    hits = np.array([bool((ds[i]["label"] > 0).any()) for i in range(len(ds))]).reshape(-1, batch_size)
+    assert hits[:, sorted(forced_positions)].all()
+    others = [j for j in range(batch_size) if j not in forced_positions]
+    assert hits[:, others].mean() < 0.2
+    sample = ds[0]
+    assert sample["image"].shape == (1, 8, 8, 8) and sample["label"].dtype == torch.float32 and sample["case"] == "a"
 
 
 def test_sparse_annotation_centres_samples_on_annotated_voxels(tmp_path):
     seg = np.full((1, 40, 40, 40), 2, np.int8)  # 2 = ignore: almost nothing is annotated
     seg[0, 5:9, 5:9, 5:9] = 0
     seg[0, 30:32, 30:32, 30:32] = 1
-    ds = cached_dataset(tmp_path / "cache", seg, ignore_label=2)
+    ds = patch_dataset(tmp_path, seg, 3, ignore_label=2, length=120)
     for i in range(0, 120, 3):  # ordinary (not forced) samples
         assert (ds[i]["label"] != 2).any()
+
+
+@pytest.mark.parametrize("global_batch, world_size", [(9, 2), (2, 2), (9, 3), (12, 5), (7, 4), (3, 1)])
+@pytest.mark.parametrize("oversample", [0.33, 0.5, 0.0, 1.0])
+def test_ddp_ranks_split_the_batch_and_its_forced_samples(global_batch, world_size, oversample):
+    """Per-rank batches add up to the plan's, differ by at most one (larger first), and the ranks' forced samples,
+    laid end to end, are exactly the single-process pattern j >= round(B * (1 - p))."""
+    from bundles.scripts.data import rank_batch
+
+    split = [rank_batch(global_batch, oversample, r, world_size) for r in range(world_size)]
+    sizes = [b for b, _ in split]
+    assert sum(sizes) == global_batch and sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+    pattern = [j >= round(b * (1 - p)) for b, p in split for j in range(b)]
+    assert pattern == [j >= round(global_batch * (1 - oversample)) for j in range(global_batch)]
+
+
+def test_ddp_split_of_hippocampus_batch():
+    """The plan's batch of 9 on 2 ranks: 5 random samples on rank 0, 4 with 3 forced (0.75) on rank 1."""
+    from bundles.scripts.data import rank_batch
+
+    assert rank_batch(9, 0.33, 0, 2) == (5, 0.0) and rank_batch(9, 0.33, 1, 2) == (4, 0.75)
+    with pytest.raises(ValueError, match="a batch of 1 cannot be split over 2 ranks"):
+        rank_batch(1, 0.33, 0, 2)
 
 
 def test_rolling_batches_continue_one_iterator_across_passes():

@@ -95,6 +95,7 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
     """Each random transform of train.json, forced to fire, accepts the sampled patch of its configuration."""
     import torch
     from monai.bundle import ConfigParser
+    from monai.transforms import Randomizable
 
     bundle = emitted[2]["2d" if config == "2d" else "3d_fullres"]
     with bundle_on_path(bundle):
@@ -114,9 +115,21 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
                 t.rand_flip.prob = 1.0
         size = parser.get_parsed_content("initial_patch_size")
         item = {"image": torch.randn(1, *size), "label": torch.randint(-1, 3, (1, *size)).float()}
-        out = compose(item)
-        assert list(out["image"].shape[1:]) == parser.get_parsed_content("patch_size")
-        assert out["label"].min() >= 0 and torch.isfinite(out["image"]).all()
+        random_transforms = 0
+        for t in compose.transforms:
+            out = t(dict(item))
+            if isinstance(t, Randomizable) or type(t).__name__ == "ThresholdIntensityd":
+                random_transforms += isinstance(t, Randomizable)
+                changed = [out[k].shape != item[k].shape or not torch.equal(torch.as_tensor(out[k]),
+                                                                            torch.as_tensor(item[k]))
+                           for k in ("image", "label")]
+                assert any(changed), type(t).__name__  # forced to fire, it altered the sample
+            item = out
+        # spatial, noise, blur, 2 intensity scalings, low resolution, 2 gammas, a flip per axis
+        assert random_transforms == {"3d_fullres": 11, "2d": 10, "dummy_2d": 11}[config]
+        assert list(item["image"].shape[1:]) == parser.get_parsed_content("patch_size")
+        assert set(torch.as_tensor(item["label"]).unique().tolist()) == {0.0, 1.0, 2.0}  # -1 became background
+        assert torch.isfinite(item["image"]).all()
 
 
 def test_emit_refuses_to_overwrite(emitted, tmp_path):
