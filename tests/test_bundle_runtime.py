@@ -10,7 +10,6 @@ import torch
 from autoplan.emit import augmentation_settings
 from bundles.scripts.data import PatchDataset, initial_patch_size
 from bundles.scripts.inference import NnUNetInferer
-from bundles.scripts.losses import NnUNetDiceCE, deep_supervision_weights
 from bundles.scripts.metrics import PseudoDice
 from bundles.scripts.preprocessing import (PlanSettings, from_nnunet_order, logits_to_original, normalize,
                                            preprocess_case, to_nnunet_order)
@@ -183,31 +182,6 @@ def test_inferer_runs_2d_networks_slice_by_slice():
     with torch.no_grad():
         out = NnUNetInferer(roi_size=[8, 8], mirror_axes=[0, 1], two_d=True)(torch.randn(1, 1, 5, 10, 9), net)
     assert out.shape == (1, 3, 5, 10, 9)
-
-
-def test_loss_ignores_the_ignore_label():
-    torch.manual_seed(0)
-    logits = torch.randn(2, 3, 6, 6, 6)
-    target = torch.randint(0, 3, (2, 1, 6, 6, 6))
-    target[:, :, :3] = 3  # ignored
-    loss = NnUNetDiceCE(batch_dice=False, ignore_label=3)
-    changed = logits.clone()
-    changed[:, :, :3] = torch.randn(2, 3, 3, 6, 6) * 10
-    assert torch.isclose(loss(logits, target), loss(changed, target))
-    assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
-
-
-def test_loss_follows_nnunets_sign_convention():
-    """CE - Dice as nnU-Net logs it: about -1 for a perfect prediction, about 0 + CE for a hopeless one."""
-    target = torch.randint(0, 3, (2, 1, 6, 6, 6))
-    perfect = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
-    assert float(NnUNetDiceCE()(perfect, target)) == pytest.approx(-1.0, abs=1e-4)
-    wrong = torch.roll(perfect, 1, dims=1)  # every voxel confidently one class off
-    assert float(NnUNetDiceCE()(wrong, target)) == pytest.approx(50.0, abs=1e-3)
-    logits = torch.randn(2, 3, 6, 6, 6)
-    for batch_dice in (False, True):  # an ignore label absent from the target changes nothing (masked path = plain)
-        torch.testing.assert_close(NnUNetDiceCE(batch_dice, ignore_label=7)(logits, target),
-                                   NnUNetDiceCE(batch_dice)(logits, target))
 
 
 def test_pseudo_dice_sums_counts_and_keeps_an_ema():
