@@ -334,3 +334,61 @@ def test_cascade_morphology_perturbs_the_previous_stage_channels():
     torch.testing.assert_close(out[0], image[0])
     assert not torch.equal(out[1:], image[1:])
     assert set(out[1:].unique().tolist()) <= {0.0, 1.0} and (out[1:].sum(0) <= 1).all()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_poly_learning_rate_follows_nnunets_formula_and_the_configured_epochs_on_resume():
+    """Epoch e trains with 0.01 * (1 - e / 1000) ** 0.9 (spec 5.1: 0.01, 0.00536 at 500, 2.0e-5 at 999); a schedule
+    restored from a 2-epoch run continues on the new run's 4 epochs."""
+    from bundles.scripts.handlers import PolyLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = PolyLR(optimizer, 1000, 0.9)
+    rates = []
+    for _ in range(1000):
+        rates.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert rates == pytest.approx([0.01 * (1 - e / 1000) ** 0.9 for e in range(1000)], rel=1e-12)
+    assert (rates[0], round(rates[500], 5), float(f"{rates[999]:.2g}")) == (0.01, 0.00536, 2.0e-5)
+    assert optimizer.param_groups[0]["lr"] == 0.0  # after the last epoch
+    short_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    short = PolyLR(short_optimizer, 2, 0.9)
+    short.step()
+    resumed_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    resumed = PolyLR(resumed_optimizer, 4, 0.9)
+    resumed_optimizer.load_state_dict(short_optimizer.state_dict())
+    resumed.load_state_dict(short.state_dict())
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.75 ** 0.9)
+    resumed.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 0.9)
+
+
+def test_model_best_holds_the_weights_of_the_epoch_whose_ema_strictly_improved(tmp_path):
+    """Pseudo-Dice EMAs 0.3, 0.5, 0.5, 0.4, 0.45: model_best.pt is epoch 2's weights (a tie does not replace it);
+    checkpoint_latest.pt and model.pt are the last epoch's."""
+    from ignite.engine import Engine, Events
+
+    from bundles.scripts.handlers import PolyLR, TrainingProgress
+
+    class Metric:
+        ema, last_mean, last_per_class = None, float("nan"), []
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01)
+    metric = Metric()
+    emas = [0.3, 0.5, 0.5, 0.4, 0.45]
+    engine = Engine(lambda engine, batch: {"loss": torch.tensor(1.0)})
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def validate(engine):  # registered first, like the ValidationHandler
+        network.weight.data.fill_(engine.state.epoch)
+        metric.ema = emas[engine.state.epoch - 1]
+
+    TrainingProgress(network, optimizer, PolyLR(optimizer, 5), metric, tmp_path / "models",
+                     tmp_path / "eval").attach(engine)
+    engine.run([0], max_epochs=5)
+    weight = lambda name: float(torch.load(tmp_path / "models" / name)["weight"])  # noqa: E731
+    assert weight("model_best.pt") == 2.0 and weight("model.pt") == 5.0
+    latest = torch.load(tmp_path / "models" / "checkpoint_latest.pt", weights_only=False)
+    assert latest["best_ema"] == 0.5 and latest["epoch"] == 5 and float(latest["network"]["weight"]) == 5.0
+    assert latest["history"]["val_ema"] == emas and latest["history"]["epoch"] == [1, 2, 3, 4, 5]

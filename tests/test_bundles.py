@@ -174,18 +174,34 @@ def test_training_writes_models_progress_and_validation(trained_3d):
 
 
 def test_resume_continues_from_the_last_epoch(trained_3d):
+    """A 1-epoch run resumed with --epochs 2 trains epoch 2 only, on the 2-epoch poly schedule (0.01, then
+    0.01 * 0.5^0.9), from epoch 1's weights; MLflow's metric history is progress.json's (the EMA under the key
+    metric's name, the per-iteration losses whose mean is the epoch's train_loss)."""
+    import torch
+
     raw, bundle = trained_3d
+    first = torch.load(bundle / "models/checkpoint_latest.pt", weights_only=False)
     result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
                         *FAST[2:], "--tracking", "mlflow")
     assert "resumed from" in result.stdout + result.stderr
     progress = json.loads((bundle / "eval/progress.json").read_text())
     assert progress["epoch"] == [1, 2]
+    assert progress["lr"] == pytest.approx([0.01, 0.01 * 0.5 ** 0.9], rel=1e-12)
+    assert progress["train_loss"][0] == first["history"]["train_loss"][0]  # epoch 1 was not trained again
+    latest = torch.load(bundle / "models/checkpoint_latest.pt", weights_only=False)
+    assert latest["epoch"] == 2 and latest["lr_scheduler"]["last_epoch"] == 2
+    assert any(not torch.equal(latest["network"][k], v) for k, v in first["network"].items())  # it trained on
     import mlflow  # MONAI's --tracking mlflow wrote the run through the standard handler ids
 
     mlflow.set_tracking_uri(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and {"metrics.train_loss", "metrics.val_pseudo_dice"} <= set(runs.columns)
-
+    client = mlflow.MlflowClient()
+    key_metric = client.get_metric_history(runs.run_id[0], "val_pseudo_dice")  # the key metric is the EMA
+    assert [h.step for h in key_metric] == [2] and [h.value for h in key_metric] == [progress["val_ema"][1]]
+    losses = client.get_metric_history(runs.run_id[0], "train_loss")  # per iteration; progress.json has the mean
+    assert [h.step for h in losses] == [3, 4]
+    assert np.mean([h.value for h in losses]) == pytest.approx(progress["train_loss"][1], rel=1e-6)
 
 
 def test_training_starts_from_initial_weights(emitted, tmp_path):
