@@ -58,13 +58,30 @@ def test_preprocess_and_restore_round_trip_with_transpose_and_resampling():
     pre, pre_seg, props = preprocess_case(data, spacing, p, seg)
     assert props["shape_before_cropping"] == [28, 12, 30]
     assert [tuple(b) for b in props["bbox_used_for_cropping"]] == [(2, 26), (1, 11), (2, 28)]
-    assert pre.shape[1:] == pre_seg.shape[1:]
+    # the cropped (24, 10, 26) voxels at transposed spacing (0.8, 0.8, 2.5) resampled to (0.8, 0.8, 2.4)
+    assert pre.shape == (1, 24, 10, round(26 * 2.5 / 2.4)) and pre_seg.shape == (1, 24, 10, 27)
     onehot = np.stack([(pre_seg[0] == c) for c in range(3)]).astype(np.float32) * 10
     labels, probabilities = logits_to_original(onehot, json.loads(json.dumps(props)), p, return_probabilities=True)
     assert labels.shape == seg.shape[1:] and probabilities.shape == (3, *seg.shape[1:])
     for c in (1, 2):
         dice = 2 * np.sum((labels == c) & (seg[0] == c)) / (np.sum(labels == c) + np.sum(seg[0] == c))
         assert dice > 0.9, (c, dice)
+
+
+def test_restore_inverts_crop_and_transpose_exactly_without_resampling():
+    """At the plan's spacing only cropping and the transpose act, so the restored label map is the original one
+    (Dice 1 for every label) and voxels outside the crop are background."""
+    seg = np.zeros((1, 12, 30, 28), np.int16)
+    seg[0, 3:9, 8:22, 6:20] = 1
+    seg[0, 5:7, 12:16, 10:14] = 2
+    data = np.zeros((1, 12, 30, 28), np.float32)
+    data[:, 1:11, 2:28, 2:26] = np.random.default_rng(1).normal(100, 5, (1, 10, 26, 24))
+    p = plan([0.8, 0.8, 2.5], transpose=(2, 0, 1))
+    pre, pre_seg, props = preprocess_case(data, [0.8, 2.5, 0.8], p, seg)
+    assert pre.shape == (1, 24, 10, 26)
+    onehot = np.stack([(pre_seg[0] == c) for c in range(3)]).astype(np.float32) * 10
+    labels, _ = logits_to_original(onehot, props, p, return_probabilities=True)
+    np.testing.assert_array_equal(labels, seg[0])
 
 
 def test_initial_patch_size_matches_spec_examples():
@@ -178,9 +195,19 @@ def test_inferer_mirroring_averages_flipped_predictions():
 
 
 def test_inferer_runs_2d_networks_slice_by_slice():
+    """Each slice along the first axis is the 2-D network's own output on that slice (one 10x9 tile holds it, no
+    mirroring), so the stacked result equals the network applied slice by slice."""
+    torch.manual_seed(0)
     net = torch.nn.Conv2d(1, 3, 3, padding=1).eval()
+    x = torch.randn(1, 1, 5, 10, 9)
     with torch.no_grad():
-        out = NnUNetInferer(roi_size=[8, 8], mirror_axes=[0, 1], two_d=True)(torch.randn(1, 1, 5, 10, 9), net)
+        out = NnUNetInferer(roi_size=[10, 9], mirror_axes=[], two_d=True)(x, net)
+        for z in range(5):
+            torch.testing.assert_close(out[:, :, z], net(x[:, :, z]), rtol=1e-5, atol=1e-5)
+        mirrored = NnUNetInferer(roi_size=[10, 9], mirror_axes=[0, 1], two_d=True)(x, net)
+        expected = sum(torch.flip(net(torch.flip(x[:, :, 2], dims)), dims) if dims else net(x[:, :, 2])
+                       for dims in [(), (2,), (3,), (2, 3)]) / 4
+        torch.testing.assert_close(mirrored[:, :, 2], expected, rtol=1e-5, atol=1e-5)
     assert out.shape == (1, 3, 5, 10, 9)
 
 
@@ -392,3 +419,24 @@ def test_model_best_holds_the_weights_of_the_epoch_whose_ema_strictly_improved(t
     latest = torch.load(tmp_path / "models" / "checkpoint_latest.pt", weights_only=False)
     assert latest["best_ema"] == 0.5 and latest["epoch"] == 5 and float(latest["network"]["weight"]) == 5.0
     assert latest["history"]["val_ema"] == emas and latest["history"]["epoch"] == [1, 2, 3, 4, 5]
+
+
+def test_cache_folder_name_changes_with_every_setting_that_changes_the_arrays(tmp_path):
+    """Same settings, same folder (folds share it); any change to spacing, transpose, normalisation, mask, intensity
+    statistics or resampling orders gives a new folder, so stale arrays are never reused."""
+    from dataclasses import replace
+
+    from bundles.scripts.data import cache_folder
+
+    base = plan([1.0, 1.0, 1.0])
+    name = cache_folder(tmp_path, "nnUNetPlans_3d_fullres", base)
+    assert name == cache_folder(tmp_path, "nnUNetPlans_3d_fullres", plan([1.0, 1.0, 1.0]))
+    assert name.parent == tmp_path and name.name.startswith("nnUNetPlans_3d_fullres_")
+    changes = [replace(base, spacing=[1.0, 1.0, 1.5]), plan([1.0, 1.0, 1.0], transpose=(2, 0, 1)),
+               replace(base, normalization_schemes=["CTNormalization"]), replace(base, use_mask_for_norm=[True]),
+               replace(base, intensity_properties={"0": {**base.intensity_properties["0"], "mean": 11.0}}),
+               replace(base, data_kwargs={**base.data_kwargs, "order": 1}),
+               replace(base, seg_kwargs={**base.seg_kwargs, "order": 0}),
+               replace(base, probabilities_kwargs={**base.probabilities_kwargs, "force_separate_z": True})]
+    names = {cache_folder(tmp_path, "nnUNetPlans_3d_fullres", changed).name for changed in changes}
+    assert len(names) == len(changes) and name.name not in names
