@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic datasets and the (optional) shared reference data."""
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -23,6 +24,18 @@ requires_shared = pytest.mark.skipif(
     not (HIPPOCAMPUS.is_dir() and HIPPOCAMPUS_PLANS.is_dir()),
     reason="../shared (Dataset004_Hippocampus and nnU-Net's reference plans) is not present beside the repo",
 )
+
+
+def planning_inputs(folder: Path) -> None:
+    """A 1-channel dataset.json and a hand-made fingerprint (20 Hippocampus-like cases) in ``folder``: enough to plan
+    without reading images."""
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "numTraining": 20,
+                                                     "labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
+    stats = {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0,
+             "std": 1.0}
+    (folder / "fingerprint.json").write_text(json.dumps({
+        "spacings": [[1.0, 1.0, 1.0]] * 20, "shapes_after_crop": [[36, 50, 35]] * 20,
+        "foreground_intensity_properties_per_channel": {"0": stats}, "median_relative_size_after_cropping": 1.0}))
 
 
 def folder_digest(folder: Path) -> str:

@@ -2,14 +2,13 @@
 old file (or nothing), never a truncated one. The writer runs in a subprocess that pauses at the chosen moment (half
 of the text written, or everything written but not yet renamed into place) and is killed there with SIGKILL."""
 
-import json
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, planning_inputs
 
 PAUSES = {
     # the first half of the text reaches the (temporary) file, then the writer stalls
@@ -47,16 +46,6 @@ def kill_while_writing(pause: str, code: str):
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
-
-
-def planning_inputs(folder):
-    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "numTraining": 20,
-                                                     "labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
-    stats = {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0,
-             "std": 1.0}
-    (folder / "fingerprint.json").write_text(json.dumps({
-        "spacings": [[1.0, 1.0, 1.0]] * 20, "shapes_after_crop": [[36, 50, 35]] * 20,
-        "foreground_intensity_properties_per_channel": {"0": stats}, "median_relative_size_after_cropping": 1.0}))
 
 
 @pytest.mark.parametrize("pause", ["mid-write", "before-rename"])
