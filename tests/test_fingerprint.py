@@ -70,14 +70,20 @@ def test_fingerprint_schema_and_values(synthetic_mr, tmp_path):
 
 @pytest.fixture
 def small_foreground_ct(tmp_path):
-    """Four uncropped CT cases whose labels hold 4, 8, 12 and 0 foreground voxels; returns (raw dir, [voxels],
-    [shape])."""
+    """Four uncropped CT cases of distinct random intensities whose labels hold 4, 8, 12 and 0 foreground voxels;
+    returns (raw dir, [voxels], [shape])."""
     import SimpleITK as sitk
 
     raw = make_synthetic_dataset(tmp_path / "Dataset902_CT", cases=4, shape=(20, 20, 10), modality="CT", labels=2)
+    rng = np.random.default_rng(5)
     foreground, shapes = [], []
     for i, (count, label_value) in enumerate([(4, 1), (8, 2), (12, 1), (0, 1)]):
-        image = sitk.ReadImage(str(raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz"))
+        path = raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz"
+        original = sitk.ReadImage(str(path))
+        image = sitk.GetImageFromArray(rng.uniform(-900, 900, sitk.GetArrayViewFromImage(original).shape)
+                                       .astype(np.float32))
+        image.CopyInformation(original)
+        sitk.WriteImage(image, str(path))
         label = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
         label.reshape(-1)[7:7 + 3 * count:3] = label_value  # scattered voxels, in raster order
         written = sitk.GetImageFromArray(label)
