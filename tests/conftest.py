@@ -1,6 +1,7 @@
 """Shared fixtures: small synthetic datasets and the (optional) shared reference data."""
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+# ../shared beside the checkout; AUTOPLAN_SHARED points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("AUTOPLAN_SHARED") or ROOT.parent / "shared")
 HIPPOCAMPUS = SHARED / "data" / "Dataset004_Hippocampus"
 HIPPOCAMPUS_PLANS = SHARED / "reference" / "nnunet_plans" / "Dataset004_Hippocampus"
 
@@ -22,6 +24,18 @@ requires_shared = pytest.mark.skipif(
     not (HIPPOCAMPUS.is_dir() and HIPPOCAMPUS_PLANS.is_dir()),
     reason="../shared (Dataset004_Hippocampus and nnU-Net's reference plans) is not present beside the repo",
 )
+
+
+def planning_inputs(folder: Path) -> None:
+    """A 1-channel dataset.json and a hand-made fingerprint (20 Hippocampus-like cases) in ``folder``: enough to plan
+    without reading images."""
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "numTraining": 20,
+                                                     "labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
+    stats = {"max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0,
+             "std": 1.0}
+    (folder / "fingerprint.json").write_text(json.dumps({
+        "spacings": [[1.0, 1.0, 1.0]] * 20, "shapes_after_crop": [[36, 50, 35]] * 20,
+        "foreground_intensity_properties_per_channel": {"0": stats}, "median_relative_size_after_cropping": 1.0}))
 
 
 def folder_digest(folder: Path) -> str:
@@ -49,3 +63,13 @@ def dataset_copy(synthetic_mr, tmp_path):
     dst = tmp_path / synthetic_mr.name
     shutil.copytree(synthetic_mr, dst)
     return dst
+
+
+def sklearn_splits(case_ids) -> list[dict]:
+    """nnU-Net's 5-fold splits computed by scikit-learn itself: ``KFold(5, shuffle=True, random_state=12345)`` over
+    the sorted case ids, the oracle for ``autoplan.splits.kfold_splits``."""
+    from sklearn.model_selection import KFold
+
+    cases = sorted(case_ids)
+    return [{"train": [cases[i] for i in train], "val": [cases[i] for i in val]}
+            for train, val in KFold(5, shuffle=True, random_state=12345).split(cases)]

@@ -10,7 +10,6 @@ import torch
 from autoplan.emit import augmentation_settings
 from bundles.scripts.data import PatchDataset, initial_patch_size
 from bundles.scripts.inference import NnUNetInferer
-from bundles.scripts.losses import NnUNetDiceCE, deep_supervision_weights
 from bundles.scripts.metrics import PseudoDice
 from bundles.scripts.preprocessing import (PlanSettings, from_nnunet_order, logits_to_original, normalize,
                                            preprocess_case, to_nnunet_order)
@@ -59,13 +58,30 @@ def test_preprocess_and_restore_round_trip_with_transpose_and_resampling():
     pre, pre_seg, props = preprocess_case(data, spacing, p, seg)
     assert props["shape_before_cropping"] == [28, 12, 30]
     assert [tuple(b) for b in props["bbox_used_for_cropping"]] == [(2, 26), (1, 11), (2, 28)]
-    assert pre.shape[1:] == pre_seg.shape[1:]
+    # the cropped (24, 10, 26) voxels at transposed spacing (0.8, 0.8, 2.5) resampled to (0.8, 0.8, 2.4)
+    assert pre.shape == (1, 24, 10, round(26 * 2.5 / 2.4)) and pre_seg.shape == (1, 24, 10, 27)
     onehot = np.stack([(pre_seg[0] == c) for c in range(3)]).astype(np.float32) * 10
     labels, probabilities = logits_to_original(onehot, json.loads(json.dumps(props)), p, return_probabilities=True)
     assert labels.shape == seg.shape[1:] and probabilities.shape == (3, *seg.shape[1:])
     for c in (1, 2):
         dice = 2 * np.sum((labels == c) & (seg[0] == c)) / (np.sum(labels == c) + np.sum(seg[0] == c))
         assert dice > 0.9, (c, dice)
+
+
+def test_restore_inverts_crop_and_transpose_exactly_without_resampling():
+    """At the plan's spacing only cropping and the transpose act, so the restored label map is the original one
+    (Dice 1 for every label) and voxels outside the crop are background."""
+    seg = np.zeros((1, 12, 30, 28), np.int16)
+    seg[0, 3:9, 8:22, 6:20] = 1
+    seg[0, 5:7, 12:16, 10:14] = 2
+    data = np.zeros((1, 12, 30, 28), np.float32)
+    data[:, 1:11, 2:28, 2:26] = np.random.default_rng(1).normal(100, 5, (1, 10, 26, 24))
+    p = plan([0.8, 0.8, 2.5], transpose=(2, 0, 1))
+    pre, pre_seg, props = preprocess_case(data, [0.8, 2.5, 0.8], p, seg)
+    assert pre.shape == (1, 24, 10, 26)
+    onehot = np.stack([(pre_seg[0] == c) for c in range(3)]).astype(np.float32) * 10
+    labels, _ = logits_to_original(onehot, props, p, return_probabilities=True)
+    np.testing.assert_array_equal(labels, seg[0])
 
 
 def test_initial_patch_size_matches_spec_examples():
@@ -83,39 +99,74 @@ def test_augmentation_settings_follow_the_patch():
     assert augmentation_settings([512, 128])["rotation"] == pytest.approx(15 / 180 * np.pi)
 
 
-def cached_dataset(cache, seg, ignore_label=None, batch_size=3):
-    """A PatchDataset over one hand-written cached case (skipping the preprocessing of real files)."""
-    from bundles.scripts.data import foreground_locations
+def patch_dataset(root, seg, batch_size, oversample=0.33, ignore_label=None, length=300):
+    """A PatchDataset built by its constructor over one 1 mm CT case with label map ``seg``: raw files, fingerprint,
+    plans and the preprocessing cache are all made for real; patches are 8^3."""
+    import SimpleITK as sitk
 
-    cache.mkdir()
-    np.save(cache / "a_data.npy", np.random.rand(1, *seg.shape[1:]).astype(np.float32))
-    np.save(cache / "a_seg.npy", seg)
-    np.savez(cache / "a_locations.npz", **foreground_locations(seg, [1], np.random.RandomState(0), ignore_label))
-    ds = PatchDataset.__new__(PatchDataset)
-    ds.__dict__.update(cache_dir=cache, cases=["a"], patch_size=[8, 8, 8], final_patch_size=[8, 8, 8],
-                       batch_size=batch_size, length=300, first_forced=round(batch_size * 0.67), transform=None,
-                       two_d=False, ignore_label=ignore_label, _rng=None, _seed=None)
-    return ds
+    from autoplan.fingerprint import extract_fingerprint
+    from autoplan.planner import plan as make_plans
+
+    raw = root / "Dataset999_One"
+    for folder in ("imagesTr", "labelsTr"):
+        (raw / folder).mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, seg.shape[1:]).astype(np.float32)),
+                    str(raw / "imagesTr" / "a_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(seg[0].astype(np.uint8)), str(raw / "labelsTr" / "a.nii.gz"))
+    labels = {"background": 0, "fg": 1, **({"ignore": ignore_label} if ignore_label is not None else {})}
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    plans = make_plans(dataset_json, extract_fingerprint(raw, processes=1)[0])
+    data = [{"image": [str(raw / "imagesTr" / "a_0000.nii.gz")], "label": str(raw / "labelsTr" / "a.nii.gz")}]
+    return PatchDataset(data, plans, "3d_fullres", root / "cache", [1], [8, 8, 8], [8, 8, 8], batch_size, length,
+                        oversample, ignore_label=ignore_label)
 
 
-def test_patch_dataset_forces_foreground_for_the_last_third(tmp_path):
+@pytest.mark.parametrize("batch_size, forced_positions", [(2, {1}), (9, {6, 7, 8}), (4, {1, 2, 3})])
+def test_patch_dataset_forces_foreground_for_nnunets_share_of_each_batch(tmp_path, batch_size, forced_positions):
+    """Sample j of a batch is centred on foreground iff j >= round(batch_size * 0.67): 1 of 2, the last 3 of 9; a
+    share of 0.75 (a DDP rank's) forces 3 of 4. The other samples are uniform and rarely meet a 3^3 object."""
     seg = np.zeros((1, 40, 40, 40), np.int8)
     seg[0, 30:33, 30:33, 30:33] = 1
-    ds = cached_dataset(tmp_path / "cache", seg)
-    forced = [bool((ds[i]["label"] > 0).any()) for i in range(2, 300, 3)]
-    random = [bool((ds[i]["label"] > 0).any()) for i in range(0, 300, 3)]
-    assert all(forced)
-    assert sum(random) < len(random) / 2
-    assert ds[0]["image"].shape == (1, 8, 8, 8) and ds[0]["label"].dtype == torch.float32
+    ds = patch_dataset(tmp_path, seg, batch_size, 0.75 if batch_size == 4 else 0.33, length=40 * batch_size)
+    hits = np.array([bool((ds[i]["label"] > 0).any()) for i in range(len(ds))]).reshape(-1, batch_size)
+    assert hits[:, sorted(forced_positions)].all()
+    others = [j for j in range(batch_size) if j not in forced_positions]
+    assert hits[:, others].mean() < 0.2
+    sample = ds[0]
+    assert sample["image"].shape == (1, 8, 8, 8) and sample["label"].dtype == torch.float32 and sample["case"] == "a"
 
 
 def test_sparse_annotation_centres_samples_on_annotated_voxels(tmp_path):
     seg = np.full((1, 40, 40, 40), 2, np.int8)  # 2 = ignore: almost nothing is annotated
     seg[0, 5:9, 5:9, 5:9] = 0
     seg[0, 30:32, 30:32, 30:32] = 1
-    ds = cached_dataset(tmp_path / "cache", seg, ignore_label=2)
+    ds = patch_dataset(tmp_path, seg, 3, ignore_label=2, length=120)
     for i in range(0, 120, 3):  # ordinary (not forced) samples
         assert (ds[i]["label"] != 2).any()
+
+
+@pytest.mark.parametrize("global_batch, world_size", [(9, 2), (2, 2), (9, 3), (12, 5), (7, 4), (3, 1)])
+@pytest.mark.parametrize("oversample", [0.33, 0.5, 0.0, 1.0])
+def test_ddp_ranks_split_the_batch_and_its_forced_samples(global_batch, world_size, oversample):
+    """Per-rank batches add up to the plan's, differ by at most one (larger first), and the ranks' forced samples,
+    laid end to end, are exactly the single-process pattern j >= round(B * (1 - p))."""
+    from bundles.scripts.data import rank_batch
+
+    split = [rank_batch(global_batch, oversample, r, world_size) for r in range(world_size)]
+    sizes = [b for b, _ in split]
+    assert sum(sizes) == global_batch and sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+    pattern = [j >= round(b * (1 - p)) for b, p in split for j in range(b)]
+    assert pattern == [j >= round(global_batch * (1 - oversample)) for j in range(global_batch)]
+
+
+def test_ddp_split_of_hippocampus_batch():
+    """The plan's batch of 9 on 2 ranks: 5 random samples on rank 0, 4 with 3 forced (0.75) on rank 1."""
+    from bundles.scripts.data import rank_batch
+
+    assert rank_batch(9, 0.33, 0, 2) == (5, 0.0) and rank_batch(9, 0.33, 1, 2) == (4, 0.75)
+    with pytest.raises(ValueError, match="a batch of 1 cannot be split over 2 ranks"):
+        rank_batch(1, 0.33, 0, 2)
 
 
 def test_rolling_batches_continue_one_iterator_across_passes():
@@ -144,35 +195,20 @@ def test_inferer_mirroring_averages_flipped_predictions():
 
 
 def test_inferer_runs_2d_networks_slice_by_slice():
-    net = torch.nn.Conv2d(1, 3, 3, padding=1).eval()
-    with torch.no_grad():
-        out = NnUNetInferer(roi_size=[8, 8], mirror_axes=[0, 1], two_d=True)(torch.randn(1, 1, 5, 10, 9), net)
-    assert out.shape == (1, 3, 5, 10, 9)
-
-
-def test_loss_ignores_the_ignore_label():
+    """Each slice along the first axis is the 2-D network's own output on that slice (one 10x9 tile holds it, no
+    mirroring), so the stacked result equals the network applied slice by slice."""
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 6, 6, 6)
-    target = torch.randint(0, 3, (2, 1, 6, 6, 6))
-    target[:, :, :3] = 3  # ignored
-    loss = NnUNetDiceCE(batch_dice=False, ignore_label=3)
-    changed = logits.clone()
-    changed[:, :, :3] = torch.randn(2, 3, 3, 6, 6) * 10
-    assert torch.isclose(loss(logits, target), loss(changed, target))
-    assert deep_supervision_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
-
-
-def test_loss_follows_nnunets_sign_convention():
-    """CE - Dice as nnU-Net logs it: about -1 for a perfect prediction, about 0 + CE for a hopeless one."""
-    target = torch.randint(0, 3, (2, 1, 6, 6, 6))
-    perfect = torch.nn.functional.one_hot(target[:, 0], 3).movedim(-1, 1).float() * 50
-    assert float(NnUNetDiceCE()(perfect, target)) == pytest.approx(-1.0, abs=1e-4)
-    wrong = torch.roll(perfect, 1, dims=1)  # every voxel confidently one class off
-    assert float(NnUNetDiceCE()(wrong, target)) == pytest.approx(50.0, abs=1e-3)
-    logits = torch.randn(2, 3, 6, 6, 6)
-    for batch_dice in (False, True):  # an ignore label absent from the target changes nothing (masked path = plain)
-        torch.testing.assert_close(NnUNetDiceCE(batch_dice, ignore_label=7)(logits, target),
-                                   NnUNetDiceCE(batch_dice)(logits, target))
+    net = torch.nn.Conv2d(1, 3, 3, padding=1).eval()
+    x = torch.randn(1, 1, 5, 10, 9)
+    with torch.no_grad():
+        out = NnUNetInferer(roi_size=[10, 9], mirror_axes=[], two_d=True)(x, net)
+        for z in range(5):
+            torch.testing.assert_close(out[:, :, z], net(x[:, :, z]), rtol=1e-5, atol=1e-5)
+        mirrored = NnUNetInferer(roi_size=[10, 9], mirror_axes=[0, 1], two_d=True)(x, net)
+        expected = sum(torch.flip(net(torch.flip(x[:, :, 2], dims)), dims) if dims else net(x[:, :, 2])
+                       for dims in [(), (2,), (3,), (2, 3)]) / 4
+        torch.testing.assert_close(mirrored[:, :, 2], expected, rtol=1e-5, atol=1e-5)
+    assert out.shape == (1, 3, 5, 10, 9)
 
 
 def test_pseudo_dice_sums_counts_and_keeps_an_ema():
@@ -325,3 +361,82 @@ def test_cascade_morphology_perturbs_the_previous_stage_channels():
     torch.testing.assert_close(out[0], image[0])
     assert not torch.equal(out[1:], image[1:])
     assert set(out[1:].unique().tolist()) <= {0.0, 1.0} and (out[1:].sum(0) <= 1).all()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_poly_learning_rate_follows_nnunets_formula_and_the_configured_epochs_on_resume():
+    """Epoch e trains with 0.01 * (1 - e / 1000) ** 0.9 (spec 5.1: 0.01, 0.00536 at 500, 2.0e-5 at 999); a schedule
+    restored from a 2-epoch run continues on the new run's 4 epochs."""
+    from bundles.scripts.handlers import PolyLR
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    scheduler = PolyLR(optimizer, 1000, 0.9)
+    rates = []
+    for _ in range(1000):
+        rates.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert rates == pytest.approx([0.01 * (1 - e / 1000) ** 0.9 for e in range(1000)], rel=1e-12)
+    assert (rates[0], round(rates[500], 5), float(f"{rates[999]:.2g}")) == (0.01, 0.00536, 2.0e-5)
+    assert optimizer.param_groups[0]["lr"] == 0.0  # after the last epoch
+    short_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    short = PolyLR(short_optimizer, 2, 0.9)
+    short.step()
+    resumed_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    resumed = PolyLR(resumed_optimizer, 4, 0.9)
+    resumed_optimizer.load_state_dict(short_optimizer.state_dict())
+    resumed.load_state_dict(short.state_dict())
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.75 ** 0.9)
+    resumed.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 0.9)
+
+
+def test_model_best_holds_the_weights_of_the_epoch_whose_ema_strictly_improved(tmp_path):
+    """Pseudo-Dice EMAs 0.3, 0.5, 0.5, 0.4, 0.45: model_best.pt is epoch 2's weights (a tie does not replace it);
+    checkpoint_latest.pt and model.pt are the last epoch's."""
+    from ignite.engine import Engine, Events
+
+    from bundles.scripts.handlers import PolyLR, TrainingProgress
+
+    class Metric:
+        ema, last_mean, last_per_class = None, float("nan"), []
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.01)
+    metric = Metric()
+    emas = [0.3, 0.5, 0.5, 0.4, 0.45]
+    engine = Engine(lambda engine, batch: {"loss": torch.tensor(1.0)})
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def validate(engine):  # registered first, like the ValidationHandler
+        network.weight.data.fill_(engine.state.epoch)
+        metric.ema = emas[engine.state.epoch - 1]
+
+    TrainingProgress(network, optimizer, PolyLR(optimizer, 5), metric, tmp_path / "models",
+                     tmp_path / "eval").attach(engine)
+    engine.run([0], max_epochs=5)
+    weight = lambda name: float(torch.load(tmp_path / "models" / name)["weight"])  # noqa: E731
+    assert weight("model_best.pt") == 2.0 and weight("model.pt") == 5.0
+    latest = torch.load(tmp_path / "models" / "checkpoint_latest.pt", weights_only=False)
+    assert latest["best_ema"] == 0.5 and latest["epoch"] == 5 and float(latest["network"]["weight"]) == 5.0
+    assert latest["history"]["val_ema"] == emas and latest["history"]["epoch"] == [1, 2, 3, 4, 5]
+
+
+def test_cache_folder_name_changes_with_every_setting_that_changes_the_arrays(tmp_path):
+    """Same settings, same folder (folds share it); any change to spacing, transpose, normalisation, mask, intensity
+    statistics or resampling orders gives a new folder, so stale arrays are never reused."""
+    from dataclasses import replace
+
+    from bundles.scripts.data import cache_folder
+
+    base = plan([1.0, 1.0, 1.0])
+    name = cache_folder(tmp_path, "nnUNetPlans_3d_fullres", base)
+    assert name == cache_folder(tmp_path, "nnUNetPlans_3d_fullres", plan([1.0, 1.0, 1.0]))
+    assert name.parent == tmp_path and name.name.startswith("nnUNetPlans_3d_fullres_")
+    changes = [replace(base, spacing=[1.0, 1.0, 1.5]), plan([1.0, 1.0, 1.0], transpose=(2, 0, 1)),
+               replace(base, normalization_schemes=["CTNormalization"]), replace(base, use_mask_for_norm=[True]),
+               replace(base, intensity_properties={"0": {**base.intensity_properties["0"], "mean": 11.0}}),
+               replace(base, data_kwargs={**base.data_kwargs, "order": 1}),
+               replace(base, seg_kwargs={**base.seg_kwargs, "order": 0}),
+               replace(base, probabilities_kwargs={**base.probabilities_kwargs, "force_separate_z": True})]
+    names = {cache_folder(tmp_path, "nnUNetPlans_3d_fullres", changed).name for changed in changes}
+    assert len(names) == len(changes) and name.name not in names

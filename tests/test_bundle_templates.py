@@ -182,6 +182,21 @@ def test_multi_gpu_config_has_no_list_positions_and_survives_an_inserted_handler
         assert parser.get_parsed_content("rank") == 1
 
 
+@pytest.mark.parametrize("rank, batch, oversample", [(0, 5, 0.0), (1, 4, 0.75)])
+def test_multi_gpu_config_splits_the_plans_batch_over_the_ranks(emitted, monkeypatch, rank, batch, oversample):
+    """A batch of 9 on 2 ranks is 5 + 4 (not 4 + 4), and only rank 1 holds the 3 forced-foreground samples."""
+    _, _, bundle = emitted
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with bundle_on_path(bundle):
+        parser = parsed(bundle, bundle / "configs/multi_gpu_train.json", batch_size=9, epochs=3,
+                        iterations_per_epoch=2)
+        assert parser.get_parsed_content("train#dataloader#batch_size") == batch
+        assert parser.get_parsed_content("train#dataset#batch_size") == batch
+        assert parser.get_parsed_content("train#dataset#oversample_foreground") == oversample
+        assert parser.get_parsed_content("train#dataset#length") == 3 * 2 * batch
+
+
 def test_bundles_hold_no_path_of_the_emitting_machine(emitted, tmp_path, monkeypatch):
     raw, _, bundle = emitted
     machine_paths = {str(raw.resolve()), str(raw.resolve().parent.parent), str(bundle.resolve().parent)}

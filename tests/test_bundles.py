@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import sklearn_splits
 from autoplan.emit import emit
 from autoplan.pipeline import run
-from autoplan.splits import kfold_splits
 from autoplan.synthetic import make_synthetic_dataset
 
 FAST = ["--epochs", "1", "--iterations_per_epoch", "2", "--val_iterations", "1", "--num_workers", "0"]
@@ -85,8 +85,8 @@ def test_layout_metadata_and_splits(emitted):
     assert train["batch_size"] == plans["configurations"]["3d_fullres"]["batch_size"]
     assert (train["epochs"], train["iterations_per_epoch"], train["val_iterations"]) == (1000, 250, 50)
     cases = sorted(p.name[:-7] for p in (raw / "labelsTr").iterdir())
-    assert train["val_cases"] == kfold_splits(cases)[0]["val"]
-    assert json.loads((bundle.parent / "splits_final.json").read_text()) == kfold_splits(cases)
+    assert train["val_cases"] == sklearn_splits(cases)[0]["val"]
+    assert json.loads((bundle.parent / "splits_final.json").read_text()) == sklearn_splits(cases)
     assert json.loads((bundles["2d"] / "configs/train.json").read_text())["two_d"] is True
 
 
@@ -95,6 +95,7 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
     """Each random transform of train.json, forced to fire, accepts the sampled patch of its configuration."""
     import torch
     from monai.bundle import ConfigParser
+    from monai.transforms import Randomizable
 
     bundle = emitted[2]["2d" if config == "2d" else "3d_fullres"]
     with bundle_on_path(bundle):
@@ -114,9 +115,21 @@ def test_every_augmentation_runs_when_it_fires(emitted, config):
                 t.rand_flip.prob = 1.0
         size = parser.get_parsed_content("initial_patch_size")
         item = {"image": torch.randn(1, *size), "label": torch.randint(-1, 3, (1, *size)).float()}
-        out = compose(item)
-        assert list(out["image"].shape[1:]) == parser.get_parsed_content("patch_size")
-        assert out["label"].min() >= 0 and torch.isfinite(out["image"]).all()
+        random_transforms = 0
+        for t in compose.transforms:
+            out = t(dict(item))
+            if isinstance(t, Randomizable) or type(t).__name__ == "ThresholdIntensityd":
+                random_transforms += isinstance(t, Randomizable)
+                changed = [out[k].shape != item[k].shape or not torch.equal(torch.as_tensor(out[k]),
+                                                                            torch.as_tensor(item[k]))
+                           for k in ("image", "label")]
+                assert any(changed), type(t).__name__  # forced to fire, it altered the sample
+            item = out
+        # spatial, noise, blur, 2 intensity scalings, low resolution, 2 gammas, a flip per axis
+        assert random_transforms == {"3d_fullres": 11, "2d": 10, "dummy_2d": 11}[config]
+        assert list(item["image"].shape[1:]) == parser.get_parsed_content("patch_size")
+        assert set(torch.as_tensor(item["label"]).unique().tolist()) == {0.0, 1.0, 2.0}  # -1 became background
+        assert torch.isfinite(item["image"]).all()
 
 
 def test_emit_refuses_to_overwrite(emitted, tmp_path):
@@ -161,7 +174,11 @@ def test_training_writes_models_progress_and_validation(trained_3d):
 
 
 def test_resume_continues_from_the_last_epoch(trained_3d, tmp_path):
-    """A 2-epoch run interrupted after epoch 1 resumes at epoch 2 when rerun with the same length and data."""
+    """A 2-epoch run interrupted after epoch 1 resumes when rerun with the same length and data: epoch 2 only, on
+    the 2-epoch poly schedule (0.01, then 0.01 * 0.5^0.9), from epoch 1's weights; MLflow's metric history is
+    progress.json's (the EMA under the key metric's name, the per-iteration losses whose mean is the epoch's
+    train_loss)."""
+    import torch
     from ignite.engine import Events
     from monai.bundle import ConfigParser
 
@@ -178,17 +195,28 @@ def test_resume_continues_from_the_last_epoch(trained_3d, tmp_path):
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda engine: engine.terminate())
         trainer.run()  # interrupted after epoch 1
     assert json.loads((bundle / "eval/progress.json").read_text())["epoch"] == [1]
+    first = torch.load(bundle / "models/resume/checkpoint_latest.pt", weights_only=True)
     result = bundle_cmd(bundle, "run", "training", "--config_file", "configs/train.json", "--epochs", "2",
                         *FAST[2:], "--tracking", "mlflow", "--dataset_dir", raw)
     assert "resumed from" in result.stdout + result.stderr and "at epoch 1 of 2" in result.stdout + result.stderr
     progress = json.loads((bundle / "eval/progress.json").read_text())
     assert progress["epoch"] == [1, 2]
+    assert progress["lr"] == pytest.approx([0.01, 0.01 * 0.5 ** 0.9], rel=1e-12)
+    assert progress["train_loss"][0] == first["history"]["train_loss"][0]  # epoch 1 was not trained again
+    latest = torch.load(bundle / "models/resume/checkpoint_latest.pt", weights_only=True)
+    assert latest["epoch"] == 2 and latest["lr_scheduler"]["last_epoch"] == 2
+    assert any(not torch.equal(latest["network"][k], v) for k, v in first["network"].items())  # it trained on
     import mlflow  # MONAI's --tracking mlflow wrote the run through the standard handler ids
 
     mlflow.set_tracking_uri(f"sqlite:///{bundle / 'eval' / 'mlruns.db'}")
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and {"metrics.train_loss", "metrics.val_pseudo_dice"} <= set(runs.columns)
-
+    client = mlflow.MlflowClient()
+    key_metric = client.get_metric_history(runs.run_id[0], "val_pseudo_dice")  # the key metric is the EMA
+    assert [h.step for h in key_metric] == [2] and [h.value for h in key_metric] == [progress["val_ema"][1]]
+    losses = client.get_metric_history(runs.run_id[0], "train_loss")  # per iteration; progress.json has the mean
+    assert [h.step for h in losses] == [3, 4]
+    assert np.mean([h.value for h in losses]) == pytest.approx(progress["train_loss"][1], rel=1e-6)
 
 
 def test_training_starts_from_initial_weights(emitted, tmp_path):

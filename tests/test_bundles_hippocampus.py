@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import HIPPOCAMPUS, HIPPOCAMPUS_PLANS, requires_shared
+from conftest import HIPPOCAMPUS, HIPPOCAMPUS_PLANS, requires_shared, sklearn_splits
 from autoplan.emit import emit
-from autoplan.splits import kfold_splits
 
 pytestmark = requires_shared
 
@@ -22,7 +21,7 @@ def test_bundle_from_nnunet_plans_trains_and_predicts(tmp_path):
     assert train["patch_size"] == [40, 56, 40] and train["batch_size"] == 9
     assert train["initial_patch_size"] == [73, 80, 64]  # spec 5.4's example
     cases = sorted(p.name[: -len(".nii.gz")] for p in (HIPPOCAMPUS / "labelsTr").glob("*.nii.gz"))
-    assert train["val_cases"] == kfold_splits(cases)[0]["val"] and len(train["val_cases"]) == 52
+    assert train["val_cases"] == sklearn_splits(cases)[0]["val"] and len(train["val_cases"]) == 52
     # a short run on a few cases: the full fold takes far longer than a test may
     few_train, few_val = train["train_cases"][:4], train["val_cases"][:2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, planning_inputs, sklearn_splits
 
 # every command, with an option (or subcommand) its help must describe
 COMMANDS = {"synthetic": "--spacing_jitter", "convert-msd": "TASK_DIR", "verify": "RAW_DIR",
@@ -121,3 +121,66 @@ def test_plan_reports_a_missing_fingerprint(tmp_path):
 def test_unknown_planner_is_refused(tmp_path, synthetic_mr):
     result = autoplan("run", synthetic_mr, "--out", tmp_path / "w", "--planner", "nope", "--processes", 1)
     assert result.returncode == 2 and "unknown planner 'nope'" in result.stderr
+
+
+@pytest.fixture
+def emit_inputs(dataset_copy, tmp_path):
+    """A private synthetic dataset and a plans file for it (planned from a hand-made fingerprint)."""
+    from autoplan.pipeline import plan_files
+
+    planning_inputs(tmp_path)
+    plan_files(dataset_copy / "dataset.json", tmp_path / "fingerprint.json", tmp_path / "plans.json",
+               name=dataset_copy.name)
+    return dataset_copy, tmp_path / "plans.json"
+
+
+def emitted_cases(bundle):
+    train = json.loads((bundle / "configs" / "train.json").read_text())
+    return train["train_cases"], train["val_cases"]
+
+
+def test_emit_uses_nnunets_split_a_raw_splits_file_or_splits_and_fold_all(emit_inputs, tmp_path):
+    raw, plans = emit_inputs
+    cases = sorted(p.name[:-7] for p in (raw / "labelsTr").iterdir())
+    result = autoplan("emit", plans, raw, "--out", tmp_path / "a", "--configurations", "3d_fullres", "--folds", "1,all")
+    assert result.returncode == 0, result.stderr
+    assert emitted_cases(tmp_path / "a" / f"{raw.name}_3d_fullres_fold1") == tuple(sklearn_splits(cases)[1].values())
+    assert emitted_cases(tmp_path / "a" / f"{raw.name}_3d_fullres_foldall") == (cases, cases)
+    assert json.loads((tmp_path / "a" / "splits_final.json").read_text()) == sklearn_splits(cases)
+    custom = [{"train": cases[2:], "val": cases[:2]}, {"train": cases[:2], "val": cases[2:]}]
+    (raw / "splits_final.json").write_text(json.dumps(custom))  # nnU-Net's place for a user's splits
+    result = autoplan("emit", plans, raw, "--out", tmp_path / "b", "--configurations", "3d_fullres", "--folds", "1")
+    assert result.returncode == 0, result.stderr
+    assert emitted_cases(tmp_path / "b" / f"{raw.name}_3d_fullres_fold1") == (cases[:2], cases[2:])
+    (tmp_path / "mine.json").write_text(json.dumps(custom[::-1]))  # --splits wins over the raw folder's file
+    result = autoplan("emit", plans, raw, "--out", tmp_path / "c", "--configurations", "3d_fullres", "--folds", "0",
+                      "--splits", tmp_path / "mine.json")
+    assert result.returncode == 0, result.stderr
+    assert emitted_cases(tmp_path / "c" / f"{raw.name}_3d_fullres_fold0") == (cases[:2], cases[2:])
+    assert json.loads((tmp_path / "c" / "splits_final.json").read_text()) == custom[::-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{plans}", "{raw}", "--configurations", "3d_lowres"], "{plans}: has no configuration '3d_lowres'"),
+    (["{plans}", "{raw}", "--folds", "7"], "fold 7 does not exist: the splits have 5 folds"),
+    (["{plans}", "{raw}", "--splits", "{tmp}/bad.json"], "{tmp}/bad.json: cannot read splits"),
+    (["{tmp}/missing.json", "{raw}"], "{tmp}/missing.json"),
+    (["{plans}", "{tmp}/no_dataset"], "{tmp}/no_dataset"),
+])
+def test_emit_rejects_bad_input_with_exit_2(emit_inputs, tmp_path, args, message):
+    raw, plans = emit_inputs
+    (tmp_path / "bad.json").write_text("[{")
+    fill = dict(plans=plans, raw=raw, tmp=tmp_path)
+    result = autoplan("emit", *[a.format(**fill) for a in args], "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "error: " in result.stderr and message.format(**fill) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("out/*_fold*"))  # no bundle written
+
+
+def test_emit_refuses_to_overwrite_a_bundle_with_exit_2(emit_inputs, tmp_path):
+    raw, plans = emit_inputs
+    args = ["emit", plans, raw, "--out", tmp_path / "out", "--configurations", "3d_fullres", "--folds", "0"]
+    assert autoplan(*args).returncode == 0
+    again = autoplan(*args)
+    assert again.returncode == 2 and "bundle already exists" in again.stderr and "Traceback" not in again.stderr

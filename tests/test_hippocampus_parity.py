@@ -35,14 +35,19 @@ def test_fingerprint_geometry_is_identical(our_fingerprint, reference_fingerprin
         reference_fingerprint["median_relative_size_after_cropping"])
 
 
-def test_intensity_statistics_within_one_percent_of_range(our_fingerprint, reference_fingerprint):
+def test_intensity_statistics_match_nnunet(our_fingerprint, reference_fingerprint):
+    """Order statistics are exact (a case's quota exceeds its foreground, so every voxel is used); mean and std, which
+    nnU-Net estimates from its random draw, agree within 1e-4 of the 0.5-99.5 percentile range."""
     ours = our_fingerprint["foreground_intensity_properties_per_channel"]
     ref = reference_fingerprint["foreground_intensity_properties_per_channel"]
     assert set(ours) == set(ref)
     for channel, stats in ref.items():
-        tolerance = 0.01 * (stats["percentile_99_5"] - stats["percentile_00_5"])
-        for key, value in stats.items():
-            assert abs(ours[channel][key] - value) <= tolerance, (channel, key, ours[channel][key], value)
+        assert set(ours[channel]) == set(stats)
+        for key in ("min", "max", "median", "percentile_00_5", "percentile_99_5"):
+            assert ours[channel][key] == stats[key], (channel, key)
+        tolerance = 1e-4 * (stats["percentile_99_5"] - stats["percentile_00_5"])
+        for key in ("mean", "std"):
+            assert abs(ours[channel][key] - stats[key]) <= tolerance, (channel, key, ours[channel][key], stats[key])
 
 
 @pytest.mark.parametrize("planner", list(PLANS))

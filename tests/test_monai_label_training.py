@@ -71,6 +71,12 @@ def state(bundle):
     return torch.load(bundle / "models" / "model.pt", weights_only=True)
 
 
+def final_lr(bundle) -> float:
+    """The learning rate the schedule left in the optimizer after the run's last epoch."""
+    resume = torch.load(bundle / "models/resume/checkpoint_latest.pt", weights_only=True)
+    return resume["optimizer"]["param_groups"][0]["lr"]
+
+
 def changed(before: dict, after: dict) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -80,7 +86,8 @@ def test_two_train_requests_each_train_and_an_edited_label_reaches_training(app)
     log, datalist = train_request(bundle, studies)
     first = state(bundle)
     progress = json.loads((bundle / "eval/progress.json").read_text())
-    assert progress["epoch"] == [1] and progress["lr"] == [pytest.approx(0.0)]  # poly over max_epochs 1, not 1000
+    assert progress["epoch"] == [1] and progress["lr"] == [0.01]  # the epoch's own rate
+    assert final_lr(bundle) == pytest.approx(0.0)  # the schedule ends with max_epochs 1, not with the bundle's 1000
     summary = json.loads((bundle / "eval/validation/summary.json").read_text())  # on MONAI Label's validation split
     assert [os.path.basename(c["reference_file"]) for c in summary["metric_per_case"]] == [
         os.path.basename(d["label"]) for d in datalist[4:]]
@@ -102,7 +109,7 @@ def test_two_train_requests_each_train_and_an_edited_label_reaches_training(app)
     assert changed(first, second)
     recached = np.load(seg_file)
     assert (cached == 2).any() and not (recached == 2).any() and (recached == 1).sum() > (cached == 1).sum()
-    assert json.loads((bundle / "eval/progress.json").read_text())["lr"] == [pytest.approx(0.0)]
+    assert json.loads((bundle / "eval/progress.json").read_text())["lr"] == [0.01] and final_lr(bundle) == 0.0
 
 
 def test_only_loadable_models_are_offered(app):

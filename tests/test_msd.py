@@ -1,6 +1,7 @@
 """Decathlon (nnU-Net v1) tasks become the v2 layout (spec 1.3)."""
 
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -68,6 +69,8 @@ def test_convert_refuses_existing_output_and_bad_task(tmp_path):
     spec = json.loads((task / "dataset.json").read_text())
     spec["modality"] = {"0": "T2"}  # the files hold 2 channels
     (task / "dataset.json").write_text(json.dumps(spec))
-    with pytest.raises(DatasetError, match="prostate_00.nii.gz.*2 declared|1 declared"):
+    message = (f"{task / 'imagesTr' / 'prostate_00.nii.gz'}: shape (12, 10, 6, 2) does not hold the 1 declared "
+               "modalities along the 4th axis")
+    with pytest.raises(DatasetError, match=re.escape(message)):
         convert_msd(task, tmp_path / "Dataset005_Prostate")
     assert not (tmp_path / "Dataset005_Prostate").exists()  # nothing half-written

@@ -292,6 +292,23 @@ def initial_patch_size(patch_size, rotation_max: float, dummy_2d: bool = False) 
     return [int(v) for v in shape]
 
 
+def rank_batch(global_batch_size: int, oversample_foreground: float, rank: int, world_size: int) -> tuple[int, float]:
+    """(batch size, oversampling share) of one DDP rank, as nnU-Net splits the plan's batch over the ranks.
+
+    The ranks' batches add up to the plan's: each gets ``global // world_size`` samples and the first
+    ``global % world_size`` ranks one more (9 on 2 ranks: 5 + 4). Rank ``r`` holds consecutive samples of the
+    global batch, and its share of forced-foreground samples is how many of those a single process would force
+    (sample ``j`` iff ``j >= round(global * (1 - oversample))``), so the ranks together force exactly as many.
+    """
+    if not 0 <= rank < world_size or global_batch_size < world_size:
+        raise ValueError(f"a batch of {global_batch_size} cannot be split over {world_size} ranks (rank {rank})")
+    sizes = [global_batch_size // world_size + (r < global_batch_size % world_size) for r in range(world_size)]
+    start = sum(sizes[:rank])
+    first_forced = round(global_batch_size * (1 - oversample_foreground))
+    forced = sum(j >= first_forced for j in range(start, start + sizes[rank]))
+    return sizes[rank], forced / sizes[rank]
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Random patches from the preprocessing cache, nnU-Net style: ``length`` samples in all.
 

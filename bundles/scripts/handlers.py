@@ -33,6 +33,31 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class PolyLR(torch.optim.lr_scheduler.LRScheduler):
+    """nnU-Net's poly schedule in closed form, stepped once per epoch: epoch ``e`` trains with
+    ``lr * (1 - e / total_iters) ** power``.
+
+    torch's ``PolynomialLR`` multiplies the current rate by a per-step factor and saves ``total_iters`` in its state,
+    so a run resumed with more epochs would keep decaying towards the old end. Here a resumed run follows the
+    configured ``total_iters``, ``power`` and learning rate, as nnU-Net recomputes the rate from its settings.
+    """
+
+    def __init__(self, optimizer, total_iters: int, power: float = 0.9, last_epoch: int = -1):
+        self.total_iters, self.power = int(total_iters), float(power)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        factor = (1 - min(self.last_epoch, self.total_iters) / self.total_iters) ** self.power
+        return [base * factor for base in self.base_lrs]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        configured = self.total_iters, self.power, self.base_lrs
+        super().load_state_dict(state_dict)
+        self.total_iters, self.power, self.base_lrs = configured
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+
+
 class TrainingProgress:
     """Attach to the trainer after the ValidationHandler (so the epoch's validation has run).
 
@@ -55,6 +80,7 @@ class TrainingProgress:
                         "epoch_seconds": []}
         self.best_ema = None
         self._losses: list[float] = []
+        self._epoch_lr = None
         self._epoch_start = time.monotonic()
 
     @property
@@ -103,6 +129,7 @@ class TrainingProgress:
         return ""
 
     def epoch_started(self, engine: Engine) -> None:
+        self._epoch_lr = self.optimizer.param_groups[0]["lr"]  # the epoch's rate, before the scheduler steps
         self._losses = []
         self._epoch_start = time.monotonic()
 
@@ -117,7 +144,7 @@ class TrainingProgress:
         h["train_loss"].append(sum(self._losses) / max(len(self._losses), 1))
         h["val_pseudo_dice"].append(self.metric.last_mean)
         h["val_ema"].append(self.metric.ema)
-        h["lr"].append(self.optimizer.param_groups[0]["lr"])
+        h["lr"].append(self._epoch_lr)
         h["epoch_seconds"].append(time.monotonic() - self._epoch_start)
         logger.info(f"epoch {engine.state.epoch}: train loss {h['train_loss'][-1]:.4f}, pseudo-Dice "
                     f"{self.metric.last_per_class}, EMA {self.metric.ema}")
