@@ -83,28 +83,57 @@ def _with_values(template: dict, values: dict) -> dict:
     return {k: values.get(k, v) for k, v in template.items()} | {k: v for k, v in values.items() if k not in template}
 
 
-def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: dict) -> dict:
+MODALITY_WORDS = {"CT": ("ct",), "MR": ("mr", "mri", "t1", "t2", "flair", "adc", "dwi", "pd", "t1c", "t1ce", "t1w",
+                                         "t2w", "t1gd", "dce", "swi", "bold"),
+                  "PT": ("pet", "pt", "suv"), "US": ("us", "ultrasound"), "XR": ("xr", "xray", "x-ray", "cr", "dx")}
+
+
+def channel_modality(channel_name: str) -> str:
+    """A DICOM modality code for a dataset.json channel name ("T2" -> "MR"); "n/a" when the name does not say."""
+    words = str(channel_name).casefold().replace("_", " ").replace("-", " ").split()
+    for modality, names in MODALITY_WORDS.items():
+        if any(w in names for w in words) or str(channel_name).casefold() in names:
+            return modality
+    return "n/a"
+
+
+def _reader(file_ending: str) -> str:
+    """The image reader MONAI's ``LoadImaged`` picks for the dataset's files."""
+    return "nibabel" if file_ending in (".nii", ".nii.gz") else "itk"
+
+
+def _installed(package: str):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+DEFAULT_AUTHORS = "not given (emitted by autoplan; set with autoplan emit --authors)"
+DEFAULT_COPYRIGHT = "not given (set with autoplan emit --copyright)"
+
+
+def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: dict, authors: str | None = None,
+              copyright: str | None = None) -> dict:
+    """metadata.json as the model zoo's reviewers and checks read it. The input's ``spatial_shape`` is the patch
+    size times n, so ``verify_net_in_out``'s default n = 1 is a valid input (one patch)."""
     import monai
     import numpy
     import torch
 
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package):
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    channels = spec.get("channel_names", spec.get("modality", {}))
-    config = resolve_configuration(plans, configuration)
-    divisors = [2 ** sum(1 for s in config["architecture"]["arch_kwargs"]["strides"] if s[d] == 2)
-                for d in range(len(values["patch_size"]))]
-    spatial = [f"{d}*n" for d in divisors]
-    is_ct = any(str(c).casefold() == "ct" for c in channels.values())
+    channels = {str(k): v for k, v in spec.get("channel_names", spec.get("modality", {})).items()}
+    modalities = [channel_modality(v) for v in channels.values()]
+    spatial = [f"{p}*n" for p in values["patch_size"]]
     out_names = {str(v): k for k, v in spec["labels"].items() if k != "ignore" and not isinstance(v, list)}
-    packages = {p: installed(p) for p in ("nibabel", "pytorch-ignite", "scipy", "SimpleITK", "matplotlib",
-                                          "tensorboard", "mlflow")}
+    out_names = dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))
+    required = {p: _installed(p) for p in ("nibabel", "pytorch-ignite", "scipy", "SimpleITK", "matplotlib",
+                                           "tensorboard")}
+    optional = {p: _installed(p) for p in ("mlflow", "onnxruntime")}
+    dataset = spec.get("name") or plans["dataset_name"]
+    label_list = ", ".join(k for k in out_names.values() if k != "background")
+    image_dims = 3 if any(len(c.get("patch_size", [])) == 3 for c in plans["configurations"].values()) else 2
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
         "version": BUNDLE_VERSION,
@@ -112,27 +141,38 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
-        "required_packages_version": {k: v for k, v in packages.items() if v},
-        "name": name,
-        "task": f"{spec.get('name', plans['dataset_name'])} segmentation ({configuration}, fold {values['fold']})",
+        "required_packages_version": {k: v for k, v in required.items() if v},
+        "optional_packages_version": {k: v for k, v in optional.items() if v},
+        "name": f"{dataset} {label_list} segmentation (nnU-Net {configuration}, fold {values['fold']})",
+        "task": f"Segmentation of {label_list} in {dataset}",
         "description": f"nnU-Net-style {configuration} segmentation of {plans['dataset_name']}, planned by "
                        f"autoplan with {plans['experiment_planner_used']}; fold {values['fold']}.",
-        "authors": "autoplan (generated bundle)",
-        "copyright": "Copyright (c) the bundle's users; generated by autoplan",
+        "authors": authors or DEFAULT_AUTHORS,
+        "copyright": copyright or DEFAULT_COPYRIGHT,
         "data_source": spec.get("reference", spec.get("name", "")),
-        "data_type": spec.get("file_ending", ""),
+        "data_type": _reader(spec.get("file_ending", "")),
+        "image_classes": f"{len(channels)} channel(s): " + ", ".join(
+            f"{k}: {v} ({m})" for (k, v), m in zip(channels.items(), modalities)),
+        "label_classes": ", ".join(f"{k}: {v}" for k, v in out_names.items()),
+        "pred_classes": ", ".join(f"{k}: {v}" for k, v in out_names.items()),
+        "eval_metrics": {},
         "intended_use": "Research only. Not for clinical use.",
         "references": ["Isensee et al. nnU-Net. Nature Methods 18, 203-211 (2021)"],
         "network_data_format": {
             "inputs": {"image": {
-                "type": "image", "format": "hounsfield" if is_ct else "magnitude",
-                "modality": "CT" if is_ct else "MR", "num_channels": values["in_channels"],
-                "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
-                "channel_def": {str(k): v for k, v in channels.items()}}},
+                "type": "image", "format": "hounsfield" if set(modalities) == {"CT"} else "magnitude",
+                "modality": modalities[0] if len(set(modalities)) == 1 else "/".join(modalities),
+                "num_channels": values["in_channels"], "spatial_shape": spatial, "dtype": "float32",
+                "value_range": [], "is_patch_data": True,
+                "channel_def": {k: f"{v} ({m})" for (k, v), m in zip(channels.items(), modalities)}}},
             "outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": values["num_classes"],
-                "spatial_shape": spatial, "dtype": "float32", "value_range": [0, max(values["foreground_labels"])],
-                "is_patch_data": True, "channel_def": dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))}},
+                "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
+                "channel_def": out_names}},
+            "post_processed_outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": ["*"] * image_dims,
+                "dtype": "uint8", "value_range": [0, max(values["foreground_labels"])], "is_patch_data": False,
+                "channel_def": out_names}},
         },
     }
 
@@ -260,7 +300,8 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 """
 
 
-def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: str, values: dict) -> Path:
+def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: str, values: dict,
+                 authors: str | None = None, copyright: str | None = None) -> Path:
     """Write one bundle folder atomically: built in a temp folder, then renamed into place."""
     target = out / name
     if target.exists():
@@ -270,14 +311,18 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
         configs.mkdir()
         train = _with_values(_template("train.json"), values)
         inference_template = _template("inference.json")
-        inference = _with_values(inference_template, {k: v for k, v in values.items() if k in inference_template})
+        # the plans are embedded, so inference reads no file relative to bundle_root (MONAI Deploy runs a bundle
+        # from another working directory without setting bundle_root)
+        inference = _with_values(inference_template, {k: v for k, v in {**values, "plans": plans}.items()
+                                                      if k in inference_template})
         (configs / "train.json").write_text(json.dumps(train, indent=4))
         (configs / "inference.json").write_text(json.dumps(inference, indent=4))
         for extra in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
             shutil.copyfile(TEMPLATES / extra, configs / extra)
         (configs / "plans.json").write_text(json.dumps(plans, indent=4))
         (configs / "dataset.json").write_text(json.dumps(spec, indent=4))
-        (configs / "metadata.json").write_text(json.dumps(_metadata(name, spec, plans, configuration, values),
+        (configs / "metadata.json").write_text(json.dumps(_metadata(name, spec, plans, configuration, values,
+                                                                    authors, copyright),
                                                           indent=4))
         shutil.copytree(SCRIPTS, tmp / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / "docs").mkdir()
@@ -289,8 +334,10 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
     return target
 
 
-def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), splits_file=None) -> list[Path]:
-    """Emit bundles for the chosen configurations and folds; writes ``out/splits_final.json`` too."""
+def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), splits_file=None,
+         authors: str | None = None, copyright: str | None = None) -> list[Path]:
+    """Emit bundles for the chosen configurations and folds; writes ``out/splits_final.json`` too. ``authors`` and
+    ``copyright`` go into metadata.json (only the user can say who owns the model)."""
     plans = json.loads(Path(plans_file).read_text())
     raw_dir, out = Path(raw_dir), Path(out)
     dataset = load_dataset(raw_dir)
@@ -316,5 +363,5 @@ def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), s
             train, val = fold_cases(splits, fold, case_ids)
             values = bundle_values(plans, configuration, dataset.spec, fold, train, val, len(splits))
             name = f"{plans['dataset_name']}_{configuration}_fold{fold}"
-            written.append(write_bundle(out, name, plans, dataset.spec, configuration, values))
+            written.append(write_bundle(out, name, plans, dataset.spec, configuration, values, authors, copyright))
     return written
