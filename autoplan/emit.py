@@ -142,7 +142,9 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
         "required_packages_version": {k: v for k, v in required.items() if v},
-        "optional_packages_version": {k: v for k, v in optional.items() if v},
+        # a superset of the required ones: MONAI 1.6 replaces required_packages_version with this when it reads
+        # the file, and the model zoo's CI installs both
+        "optional_packages_version": {k: v for k, v in {**required, **optional}.items() if v},
         "name": f"{dataset} {label_list} segmentation (nnU-Net {configuration}, fold {values['fold']})",
         "task": f"Segmentation of {label_list} in {dataset}",
         "description": f"nnU-Net-style {configuration} segmentation of {plans['dataset_name']}, planned by "
@@ -259,25 +261,80 @@ Each id below can be overridden on the command line (`--ID VALUE`); these are th
 `--use_tta False` disables mirroring; `--save_probabilities True` also writes `CASE.npz` for ensembling. Inputs are
 folders of `CASE_XXXX{train['file_ending']}` files (one per channel), or a single image file.
 
-## MONAI Label
-MONAI Label's `monaibundle` sample app serves and trains this bundle (MONAI Label 0.8.5):
+{monai_label_docs(name, trainable=True)}
+{deploy_docs(name, train['in_channels'], train['patch_size'])}
+{safety_docs()}"""
+
+
+def monai_label_docs(name: str, trainable: bool) -> str:
+    """The README's MONAI Label section (fold and ensemble bundles alike)."""
+    training = ("\"Train\" uses the studies' `labels/final/` (split 80/20); each request trains `max_epochs` epochs on "
+                "from `models/model.pt`, with the learning-rate schedule over those epochs, and an edited label is "
+                "preprocessed again. Only `models/model.pt` and `models/model_best.pt` are offered as models."
+                if trainable else "The bundle serves inference only (it has no `train.json`).")
+    return f"""## MONAI Label
+MONAI Label's `monaibundle` sample app serves this bundle (MONAI Label 0.8.5; `pydicom<3` is MONAI Label's own pin,
+pydicom 3 breaks its import):
 
     pip install monailabel==0.8.5 "pydicom<3"
     monailabel apps --download --name monaibundle --output apps
     cp -r {name} apps/monaibundle/model/{name}
     monailabel start_server --app apps/monaibundle --studies STUDIES --conf models {name} --conf zoo_source github
 
-(`zoo_source` other than `monaihosting` makes the app use the local folder and download nothing.) Inference returns
-the label map in the image's geometry. "Train" uses the studies' `labels/final/` (split 80/20); each request trains
-`max_epochs` epochs on from `models/model.pt`, with the learning-rate schedule over those epochs, and an edited
-label is preprocessed again. Only `models/model.pt` and `models/model_best.pt` are offered as models.
+The folder must sit in the app's `model/` folder under its own name (a name containing "segmentation" makes MONAI
+Label serve it as a segmentation model); `zoo_source` other than `monaihosting` makes the app use that local folder
+and download nothing. Inference returns the label map in the image's geometry, with the labels of
+`network_data_format.outputs.pred.channel_def` in metadata.json. {training}
+"""
 
-## Deploy
-`configs/inference.json` has the standard ids (`network_def`, `preprocessing`, `inferer`, `postprocessing`) and
-`configs/metadata.json` the `image`/`pred` formats, so MONAI Label can serve the bundle from its `model/` folder and
-MONAI Deploy's bundle operator can load it. `python -m monai.bundle ckpt_export network_def --filepath models/model.ts
---ckpt_file models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json --use_trace True
---input_shape "[1, {train['in_channels']}, {', '.join(map(str, train['patch_size']))}]"` writes a TorchScript model.
+
+def deploy_docs(name: str, in_channels: int, patch_size) -> str:
+    """The README's MONAI Deploy and TorchScript/ONNX sections (fold and ensemble bundles alike)."""
+    shape = json.dumps([1, in_channels, *patch_size])
+    return f"""## MONAI Deploy
+`configs/inference.json` reads no file relative to `bundle_root` (the plans are in the config), so the bundle runs
+from any working directory, and `scripts.preprocessing.ChannelFirstd` gives a channel-less image (what the App SDK's
+DICOM and NIfTI loaders hand over) its channel. With MONAI Deploy App SDK 4.0 (`pip install monai-deploy-app-sdk==4.0.0
+pydicom highdicom`, the SDK imports the last two without listing them), there are two ways to package it:
+
+1. **The bundle folder.** Ship the folder `{name}/` with the app and pass it as the operator's bundle:
+   `MonaiBundleInferenceOperator(fragment, app_context=..., bundle_path=Path("/opt/app/{name}"),
+   input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)], output_mapping=[IOMapping("pred", Image,
+   IOType.IN_MEMORY)])`. The operator puts `bundle_path` on `sys.path` (so `scripts` imports) and loads
+   `models/model.pt` into `network`. Nothing goes on `PYTHONPATH`.
+2. **TorchScript.** `python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file
+   models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json` scripts the network
+   (`--use_trace True --input_shape "{shape}"` traces it instead) and stores metadata.json and inference.json in the
+   file's `extra/`. Give the operator that file as its model: `bundle_path=Path("model.ts")`, or package it as the
+   app's model (`monai-deploy package APP --models model.ts ...`). The configs still name this bundle's transforms and inferer (`scripts.*`), so the
+   folder `{name}/` (the one holding `scripts/`) goes on the app's `PYTHONPATH`, or `{name}/scripts/` is copied
+   beside the app's `app.py`.
+
+Either way the output is the label map (`uint8`, one channel) in the input's geometry.
+
+The runtime package is called `scripts`, MONAI's convention: `monai.bundle run`, MONAI Label (which unloads a
+cached `scripts` before loading each bundle) and the Deploy operator put the bundle folder on `sys.path` and
+import `scripts.*`. Two bundles with *different* `scripts` packages cannot share one Python process outside MONAI
+Label (the first imported wins); bundles emitted by one autoplan version ship identical `scripts`, so they can.
+Serve bundles of other origins from separate processes (one Deploy app per bundle).
+
+## TorchScript and ONNX
+Scripting (above, what the model zoo's `ckpt_export` check does) and tracing both give the network's output. ONNX:
+`autoplan export {name} --onnx` writes `models/model.onnx` (dynamic batch and spatial axes; it checks that
+onnxruntime's logits equal PyTorch's within 1e-4); then `--network_backend onnxruntime` runs inference through ONNX
+Runtime with the same pre- and postprocessing:
+
+    python -m monai.bundle run --config_file configs/inference.json --network_backend onnxruntime --dataset_dir IMAGES
+"""
+
+
+def safety_docs() -> str:
+    """The README's warning that running a bundle runs its code."""
+    return """## Trust
+Running a bundle executes its configs: `$` expressions are Python and `_target_` names any callable, and
+`scripts/` is imported. Run only bundles from people you trust. `autoplan export install` checks a zip's SHA-256
+manifest and the configs' structure without evaluating anything; checkpoints are loaded with
+`torch.load(weights_only=True)`.
 """
 
 
