@@ -565,17 +565,19 @@ class MirrorTTA(nn.Module):
                       for subset in itertools.combinations(axes, r)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _single_tensor(self.network(x), x.dim())
+        out = single_tensor(self.network(x), x.dim())
         for dims in self.flips:
-            out = out + torch.flip(_single_tensor(self.network(torch.flip(x, dims)), x.dim()), dims)
+            out = out + torch.flip(single_tensor(self.network(torch.flip(x, dims)), x.dim()), dims)
         return out / (len(self.flips) + 1)
 
 
-def _single_tensor(out: Union[torch.Tensor, List[torch.Tensor]], ndim: int) -> torch.Tensor:
+def single_tensor(out: Union[torch.Tensor, List[torch.Tensor]], ndim: int) -> torch.Tensor:
     """The network's output if it is one (B, C, *spatial) tensor; a DS list or DynUNet's stacked DS tensor is refused.
 
     The isinstance check also narrows the type for TorchScript.
     """
-    if isinstance(out, torch.Tensor) and out.dim() == ndim:
-        return out
-    raise TypeError("MirrorTTA needs one (B, C, *spatial) logits tensor: put the network in eval mode")
+    if isinstance(out, torch.Tensor):  # nested, not `and`: TorchScript narrows the Union only this way
+        if out.dim() == ndim:
+            return out
+    raise TypeError("one (B, C, *spatial) logits tensor expected: put the network in eval mode (deep supervision "
+                    "returns several outputs)")
