@@ -141,7 +141,8 @@ def _names(value):
     return list(value) if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
 
 
-def emit(plans, raw, out="bundles", configurations=None, folds="0,1,2,3,4", splits=None):
+def emit(plans, raw, out="bundles", configurations=None, folds="0,1,2,3,4", splits=None, authors=None,
+         copyright=None):
     """Emit one MONAI Bundle per configuration and fold from a plans file (ours or nnU-Net's).
 
     Args:
@@ -151,10 +152,13 @@ def emit(plans, raw, out="bundles", configurations=None, folds="0,1,2,3,4", spli
         configurations: e.g. 3d_fullres,2d (default: every supported configuration in the plans).
         folds: e.g. 0,1,2,3,4 (default), 0, or all (train and validate on every case).
         splits: a splits_final.json to use instead of nnU-Net's 5-fold split (raw/splits_final.json is used if present).
+        authors: the model's authors, written to each bundle's metadata.json (e.g. "Jane Doe, Example Hospital").
+        copyright: the model's copyright line for metadata.json (e.g. "Copyright (c) 2026 Example Hospital").
     """
     from autoplan.emit import emit as emit_bundles
 
-    for path in _guarded(emit_bundles, plans, raw, out, _names(configurations), _folds(folds), splits):
+    for path in _guarded(emit_bundles, plans, raw, out, _names(configurations), _folds(folds), splits,
+                         authors and str(authors), copyright and str(copyright)):
         print(f"wrote {path}")
 
 

@@ -83,28 +83,57 @@ def _with_values(template: dict, values: dict) -> dict:
     return {k: values.get(k, v) for k, v in template.items()} | {k: v for k, v in values.items() if k not in template}
 
 
-def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: dict) -> dict:
+MODALITY_WORDS = {"CT": ("ct",), "MR": ("mr", "mri", "t1", "t2", "flair", "adc", "dwi", "pd", "t1c", "t1ce", "t1w",
+                                         "t2w", "t1gd", "dce", "swi", "bold"),
+                  "PT": ("pet", "pt", "suv"), "US": ("us", "ultrasound"), "XR": ("xr", "xray", "x-ray", "cr", "dx")}
+
+
+def channel_modality(channel_name: str) -> str:
+    """A DICOM modality code for a dataset.json channel name ("T2" -> "MR"); "n/a" when the name does not say."""
+    words = str(channel_name).casefold().replace("_", " ").replace("-", " ").split()
+    for modality, names in MODALITY_WORDS.items():
+        if any(w in names for w in words) or str(channel_name).casefold() in names:
+            return modality
+    return "n/a"
+
+
+def _reader(file_ending: str) -> str:
+    """The image reader MONAI's ``LoadImaged`` picks for the dataset's files."""
+    return "nibabel" if file_ending in (".nii", ".nii.gz") else "itk"
+
+
+def _installed(package: str):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+DEFAULT_AUTHORS = "not given (emitted by autoplan; set with autoplan emit --authors)"
+DEFAULT_COPYRIGHT = "not given (set with autoplan emit --copyright)"
+
+
+def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: dict, authors: str | None = None,
+              copyright: str | None = None) -> dict:
+    """metadata.json as the model zoo's reviewers and checks read it. The input's ``spatial_shape`` is the patch
+    size times n, so ``verify_net_in_out``'s default n = 1 is a valid input (one patch)."""
     import monai
     import numpy
     import torch
 
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package):
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return None
-
-    channels = spec.get("channel_names", spec.get("modality", {}))
-    config = resolve_configuration(plans, configuration)
-    divisors = [2 ** sum(1 for s in config["architecture"]["arch_kwargs"]["strides"] if s[d] == 2)
-                for d in range(len(values["patch_size"]))]
-    spatial = [f"{d}*n" for d in divisors]
-    is_ct = any(str(c).casefold() == "ct" for c in channels.values())
+    channels = {str(k): v for k, v in spec.get("channel_names", spec.get("modality", {})).items()}
+    modalities = [channel_modality(v) for v in channels.values()]
+    spatial = [f"{p}*n" for p in values["patch_size"]]
     out_names = {str(v): k for k, v in spec["labels"].items() if k != "ignore" and not isinstance(v, list)}
-    packages = {p: installed(p) for p in ("nibabel", "pytorch-ignite", "scipy", "SimpleITK", "matplotlib",
-                                          "tensorboard", "mlflow")}
+    out_names = dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))
+    required = {p: _installed(p) for p in ("nibabel", "pytorch-ignite", "scipy", "SimpleITK", "matplotlib",
+                                           "tensorboard")}
+    optional = {p: _installed(p) for p in ("mlflow", "onnxruntime")}
+    dataset = spec.get("name") or plans["dataset_name"]
+    label_list = ", ".join(k for k in out_names.values() if k != "background")
+    image_dims = 3 if any(len(c.get("patch_size", [])) == 3 for c in plans["configurations"].values()) else 2
     return {
         "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json",
         "version": BUNDLE_VERSION,
@@ -112,27 +141,40 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": numpy.__version__,
-        "required_packages_version": {k: v for k, v in packages.items() if v},
-        "name": name,
-        "task": f"{spec.get('name', plans['dataset_name'])} segmentation ({configuration}, fold {values['fold']})",
+        "required_packages_version": {k: v for k, v in required.items() if v},
+        # a superset of the required ones: MONAI 1.6 replaces required_packages_version with this when it reads
+        # the file, and the model zoo's CI installs both
+        "optional_packages_version": {k: v for k, v in {**required, **optional}.items() if v},
+        "name": f"{dataset} {label_list} segmentation (nnU-Net {configuration}, fold {values['fold']})",
+        "task": f"Segmentation of {label_list} in {dataset}",
         "description": f"nnU-Net-style {configuration} segmentation of {plans['dataset_name']}, planned by "
                        f"autoplan with {plans['experiment_planner_used']}; fold {values['fold']}.",
-        "authors": "autoplan (generated bundle)",
-        "copyright": "Copyright (c) the bundle's users; generated by autoplan",
+        "authors": authors or DEFAULT_AUTHORS,
+        "copyright": copyright or DEFAULT_COPYRIGHT,
         "data_source": spec.get("reference", spec.get("name", "")),
-        "data_type": spec.get("file_ending", ""),
+        "data_type": _reader(spec.get("file_ending", "")),
+        "image_classes": f"{len(channels)} channel(s): " + ", ".join(
+            f"{k}: {v} ({m})" for (k, v), m in zip(channels.items(), modalities)),
+        "label_classes": ", ".join(f"{k}: {v}" for k, v in out_names.items()),
+        "pred_classes": ", ".join(f"{k}: {v}" for k, v in out_names.items()),
+        "eval_metrics": {},
         "intended_use": "Research only. Not for clinical use.",
         "references": ["Isensee et al. nnU-Net. Nature Methods 18, 203-211 (2021)"],
         "network_data_format": {
             "inputs": {"image": {
-                "type": "image", "format": "hounsfield" if is_ct else "magnitude",
-                "modality": "CT" if is_ct else "MR", "num_channels": values["in_channels"],
-                "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
-                "channel_def": {str(k): v for k, v in channels.items()}}},
+                "type": "image", "format": "hounsfield" if set(modalities) == {"CT"} else "magnitude",
+                "modality": modalities[0] if len(set(modalities)) == 1 else "/".join(modalities),
+                "num_channels": values["in_channels"], "spatial_shape": spatial, "dtype": "float32",
+                "value_range": [], "is_patch_data": True,
+                "channel_def": {k: f"{v} ({m})" for (k, v), m in zip(channels.items(), modalities)}}},
             "outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": values["num_classes"],
-                "spatial_shape": spatial, "dtype": "float32", "value_range": [0, max(values["foreground_labels"])],
-                "is_patch_data": True, "channel_def": dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))}},
+                "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
+                "channel_def": out_names}},
+            "post_processed_outputs": {"pred": {
+                "type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": ["*"] * image_dims,
+                "dtype": "uint8", "value_range": [0, max(values["foreground_labels"])], "is_patch_data": False,
+                "channel_def": out_names}},
         },
     }
 
@@ -219,25 +261,80 @@ Each id below can be overridden on the command line (`--ID VALUE`); these are th
 `--use_tta False` disables mirroring; `--save_probabilities True` also writes `CASE.npz` for ensembling. Inputs are
 folders of `CASE_XXXX{train['file_ending']}` files (one per channel), or a single image file.
 
-## MONAI Label
-MONAI Label's `monaibundle` sample app serves and trains this bundle (MONAI Label 0.8.5):
+{monai_label_docs(name, trainable=True)}
+{deploy_docs(name, train['in_channels'], train['patch_size'])}
+{safety_docs()}"""
+
+
+def monai_label_docs(name: str, trainable: bool) -> str:
+    """The README's MONAI Label section (fold and ensemble bundles alike)."""
+    training = ("\"Train\" uses the studies' `labels/final/` (split 80/20); each request trains `max_epochs` epochs on "
+                "from `models/model.pt`, with the learning-rate schedule over those epochs, and an edited label is "
+                "preprocessed again. Only `models/model.pt` and `models/model_best.pt` are offered as models."
+                if trainable else "The bundle serves inference only (it has no `train.json`).")
+    return f"""## MONAI Label
+MONAI Label's `monaibundle` sample app serves this bundle (MONAI Label 0.8.5; `pydicom<3` is MONAI Label's own pin,
+pydicom 3 breaks its import):
 
     pip install monailabel==0.8.5 "pydicom<3"
     monailabel apps --download --name monaibundle --output apps
     cp -r {name} apps/monaibundle/model/{name}
     monailabel start_server --app apps/monaibundle --studies STUDIES --conf models {name} --conf zoo_source github
 
-(`zoo_source` other than `monaihosting` makes the app use the local folder and download nothing.) Inference returns
-the label map in the image's geometry. "Train" uses the studies' `labels/final/` (split 80/20); each request trains
-`max_epochs` epochs on from `models/model.pt`, with the learning-rate schedule over those epochs, and an edited
-label is preprocessed again. Only `models/model.pt` and `models/model_best.pt` are offered as models.
+The folder must sit in the app's `model/` folder under its own name (a name containing "segmentation" makes MONAI
+Label serve it as a segmentation model); `zoo_source` other than `monaihosting` makes the app use that local folder
+and download nothing. Inference returns the label map in the image's geometry, with the labels of
+`network_data_format.outputs.pred.channel_def` in metadata.json. {training}
+"""
 
-## Deploy
-`configs/inference.json` has the standard ids (`network_def`, `preprocessing`, `inferer`, `postprocessing`) and
-`configs/metadata.json` the `image`/`pred` formats, so MONAI Label can serve the bundle from its `model/` folder and
-MONAI Deploy's bundle operator can load it. `python -m monai.bundle ckpt_export network_def --filepath models/model.ts
---ckpt_file models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json --use_trace True
---input_shape "[1, {train['in_channels']}, {', '.join(map(str, train['patch_size']))}]"` writes a TorchScript model.
+
+def deploy_docs(name: str, in_channels: int, patch_size) -> str:
+    """The README's MONAI Deploy and TorchScript/ONNX sections (fold and ensemble bundles alike)."""
+    shape = json.dumps([1, in_channels, *patch_size])
+    return f"""## MONAI Deploy
+`configs/inference.json` reads no file relative to `bundle_root` (the plans are in the config), so the bundle runs
+from any working directory, and `scripts.preprocessing.ChannelFirstd` gives a channel-less image (what the App SDK's
+DICOM and NIfTI loaders hand over) its channel. With MONAI Deploy App SDK 4.0 (`pip install monai-deploy-app-sdk==4.0.0
+pydicom highdicom`, the SDK imports the last two without listing them), there are two ways to package it:
+
+1. **The bundle folder.** Ship the folder `{name}/` with the app and pass it as the operator's bundle:
+   `MonaiBundleInferenceOperator(fragment, app_context=..., bundle_path=Path("/opt/app/{name}"),
+   input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)], output_mapping=[IOMapping("pred", Image,
+   IOType.IN_MEMORY)])`. The operator puts `bundle_path` on `sys.path` (so `scripts` imports) and loads
+   `models/model.pt` into `network`. Nothing goes on `PYTHONPATH`.
+2. **TorchScript.** `python -m monai.bundle ckpt_export network_def --filepath models/model.ts --ckpt_file
+   models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json` scripts the network
+   (`--use_trace True --input_shape "{shape}"` traces it instead) and stores metadata.json and inference.json in the
+   file's `extra/`. Give the operator that file as its model: `bundle_path=Path("model.ts")`, or package it as the
+   app's model (`monai-deploy package APP --models model.ts ...`). The configs still name this bundle's transforms and inferer (`scripts.*`), so the
+   folder `{name}/` (the one holding `scripts/`) goes on the app's `PYTHONPATH`, or `{name}/scripts/` is copied
+   beside the app's `app.py`.
+
+Either way the output is the label map (`uint8`, one channel) in the input's geometry.
+
+The runtime package is called `scripts`, MONAI's convention: `monai.bundle run`, MONAI Label (which unloads a
+cached `scripts` before loading each bundle) and the Deploy operator put the bundle folder on `sys.path` and
+import `scripts.*`. Two bundles with *different* `scripts` packages cannot share one Python process outside MONAI
+Label (the first imported wins); bundles emitted by one autoplan version ship identical `scripts`, so they can.
+Serve bundles of other origins from separate processes (one Deploy app per bundle).
+
+## TorchScript and ONNX
+Scripting (above, what the model zoo's `ckpt_export` check does) and tracing both give the network's output. ONNX:
+`autoplan export {name} --onnx` writes `models/model.onnx` (dynamic batch and spatial axes; it checks that
+onnxruntime's logits equal PyTorch's within 1e-4); then `--network_backend onnxruntime` runs inference through ONNX
+Runtime with the same pre- and postprocessing:
+
+    python -m monai.bundle run --config_file configs/inference.json --network_backend onnxruntime --dataset_dir IMAGES
+"""
+
+
+def safety_docs() -> str:
+    """The README's warning that running a bundle runs its code."""
+    return """## Trust
+Running a bundle executes its configs: `$` expressions are Python and `_target_` names any callable, and
+`scripts/` is imported. Run only bundles from people you trust. `autoplan export install` checks a zip's SHA-256
+manifest and the configs' structure without evaluating anything; checkpoints are loaded with
+`torch.load(weights_only=True)`.
 """
 
 
@@ -260,7 +357,8 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 """
 
 
-def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: str, values: dict) -> Path:
+def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: str, values: dict,
+                 authors: str | None = None, copyright: str | None = None) -> Path:
     """Write one bundle folder atomically: built in a temp folder, then renamed into place."""
     target = out / name
     if target.exists():
@@ -270,14 +368,18 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
         configs.mkdir()
         train = _with_values(_template("train.json"), values)
         inference_template = _template("inference.json")
-        inference = _with_values(inference_template, {k: v for k, v in values.items() if k in inference_template})
+        # the plans are embedded, so inference reads no file relative to bundle_root (MONAI Deploy runs a bundle
+        # from another working directory without setting bundle_root)
+        inference = _with_values(inference_template, {k: v for k, v in {**values, "plans": plans}.items()
+                                                      if k in inference_template})
         (configs / "train.json").write_text(json.dumps(train, indent=4))
         (configs / "inference.json").write_text(json.dumps(inference, indent=4))
         for extra in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
             shutil.copyfile(TEMPLATES / extra, configs / extra)
         (configs / "plans.json").write_text(json.dumps(plans, indent=4))
         (configs / "dataset.json").write_text(json.dumps(spec, indent=4))
-        (configs / "metadata.json").write_text(json.dumps(_metadata(name, spec, plans, configuration, values),
+        (configs / "metadata.json").write_text(json.dumps(_metadata(name, spec, plans, configuration, values,
+                                                                    authors, copyright),
                                                           indent=4))
         shutil.copytree(SCRIPTS, tmp / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / "docs").mkdir()
@@ -289,8 +391,10 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
     return target
 
 
-def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), splits_file=None) -> list[Path]:
-    """Emit bundles for the chosen configurations and folds; writes ``out/splits_final.json`` too."""
+def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), splits_file=None,
+         authors: str | None = None, copyright: str | None = None) -> list[Path]:
+    """Emit bundles for the chosen configurations and folds; writes ``out/splits_final.json`` too. ``authors`` and
+    ``copyright`` go into metadata.json (only the user can say who owns the model)."""
     plans = json.loads(Path(plans_file).read_text())
     raw_dir, out = Path(raw_dir), Path(out)
     dataset = load_dataset(raw_dir)
@@ -316,5 +420,5 @@ def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), s
             train, val = fold_cases(splits, fold, case_ids)
             values = bundle_values(plans, configuration, dataset.spec, fold, train, val, len(splits))
             name = f"{plans['dataset_name']}_{configuration}_fold{fold}"
-            written.append(write_bundle(out, name, plans, dataset.spec, configuration, values))
+            written.append(write_bundle(out, name, plans, dataset.spec, configuration, values, authors, copyright))
     return written

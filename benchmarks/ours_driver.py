@@ -328,7 +328,8 @@ def cmd_predict(args) -> dict:
     workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"),
                               meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False,
                               workflow_type="infer", bundle_root=str(bundle), output_dir=str(out),
-                              datalist=datalist, use_tta=bool(args.tta), device=torch.device(args.device))
+                              datalist=datalist, use_tta=bool(args.tta), device=torch.device(args.device),
+                              network_backend=args.backend)
     workflow.initialize()
     evaluator = workflow.parser.get_parsed_content("evaluator")
     setup_s = time.perf_counter() - t0
@@ -347,6 +348,7 @@ def cmd_predict(args) -> dict:
     workflow.finalize()
     inferer = workflow.parser.get_parsed_content("inferer")
     return {"setup_s": setup_s, "per_case": per_case, "tta": bool(args.tta), "threads": threads,
+            "backend": args.backend,
             "mirror_axes": list(getattr(inferer, "mirror_axes", ())),
             "outputs": sorted(p.name for p in out.glob("*.nii.gz")), **cuda_peak_mb(torch.device(args.device))}
 
@@ -391,6 +393,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tta", type=int, default=1)
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="network_backend of inference.json (onnxruntime needs models/model.onnx)")
     p.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     fn = {"preprocess": cmd_preprocess, "probe-label-dtype": cmd_probe_label_dtype, "train-steps": cmd_train_steps,

@@ -12,14 +12,16 @@ Checks (each printed as ok / FAILED; the exit status is 1 if any failed):
 2. each "Train" request trains (``models/model.pt`` changes) and its learning rate ends where nnU-Net's poly schedule
    for ``max_epochs`` ends;
 3. a label submitted through ``PUT /datastore/label`` reaches the next training (the cached arrays change);
-4. the second inference differs from the first (the model the server serves was updated).
+4. the second inference differs from the first (the model the server serves was updated);
+5. with ``--ensemble``: an ensemble bundle of folds 0 and 1 (``tools/ensemble.py make-bundle``) is served from the
+   same app, and its inference equals the ensemble bundle's own, with the same labels.
 
 The bundle's epoch is shortened (``iterations_per_epoch`` 20) so that the run takes minutes on a CPU; nothing else
 in the bundle is changed.
 
 Usage::
 
-    python integration/monai_label.py [--work DIR] [--venv DIR] [--port 8765]
+    python integration/monai_label.py [--work DIR] [--venv DIR] [--port 8765] [--ensemble]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import SimpleITK as sitk
 import torch
 
 BUNDLE = "autoplan_synthetic_segmentation"  # MONAI Label takes the task type from a name with "segmentation"
+ENSEMBLE = "autoplan_synthetic_ensemble_segmentation"
 PACKAGES = ["monailabel==0.8.5", "pydicom<3"]
 DEFAULT_VENV = Path.home() / ".cache" / "autoplan" / "monailabel-0.8.5-venv"
 
@@ -62,24 +65,32 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def prepare(work: Path, monailabel: Path) -> tuple[Path, Path, list[str]]:
+def prepare(work: Path, monailabel: Path, with_ensemble: bool = False) -> tuple[Path, Path, list[str]]:
     """Dataset, bundle (trained one short epoch by its own command, so the server has weights to serve), app and
-    studies. Returns the bundle, the studies folder and the unlabelled cases."""
+    studies; with ``with_ensemble`` also fold 1 (trained the same way) and the ensemble bundle of both folds in the
+    app's ``model/``. Returns the bundle, the studies folder and the unlabelled cases."""
     from autoplan.pipeline import run
     from autoplan.synthetic import make_synthetic_dataset
 
     raw = make_synthetic_dataset(work / "raw" / "Dataset963_LabelLoop", cases=8, shape=(32, 32, 16),
                                  spacing=(1, 1, 2), labels=2, test_cases=2, seed=11)
-    run(raw, work / "work", processes=1, configurations=["3d_fullres"], folds=[0])
+    run(raw, work / "work", processes=1, configurations=["3d_fullres"], folds=[0, 1] if with_ensemble else [0])
     subprocess.run([str(monailabel), "apps", "--download", "--name", "monaibundle", "--output", str(work / "apps")],
                    check=True, env=venv_env(monailabel))
     bundle = work / "apps" / "monaibundle" / "model" / BUNDLE
     shutil.copytree(work / "work" / "bundles" / "Dataset963_LabelLoop_3d_fullres_fold0", bundle)
-    train = json.loads((bundle / "configs" / "train.json").read_text())
-    train.update(iterations_per_epoch=20, val_iterations=2, num_workers=0)
-    (bundle / "configs" / "train.json").write_text(json.dumps(train, indent=4))
-    subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
-                    "--epochs", "1", "--dataset_dir", str(raw)], cwd=bundle, check=True, capture_output=True)
+    fold1 = work / "work" / "bundles" / "Dataset963_LabelLoop_3d_fullres_fold1"
+    for folder in [bundle, fold1] if with_ensemble else [bundle]:
+        train = json.loads((folder / "configs" / "train.json").read_text())
+        train.update(iterations_per_epoch=20, val_iterations=2, num_workers=0)
+        (folder / "configs" / "train.json").write_text(json.dumps(train, indent=4))
+        subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+                        "--epochs", "1", "--dataset_dir", str(raw)], cwd=folder, check=True, capture_output=True)
+    if with_ensemble:
+        from tools import ensemble
+
+        if ensemble.main(["make-bundle", str(bundle), str(fold1), "--out", str(bundle.parent / ENSEMBLE)]) != 0:
+            raise RuntimeError("make-bundle failed")
     studies = work / "studies"
     return bundle, studies, write_studies(raw, studies)
 
@@ -104,14 +115,14 @@ def write_studies(raw: Path, studies: Path) -> list[str]:
 class Server:
     """``monailabel start_server`` in a subprocess, and the REST calls the loop needs."""
 
-    def __init__(self, monailabel: Path, app: Path, studies: Path, port: int, log: Path):
+    def __init__(self, monailabel: Path, app: Path, studies: Path, port: int, log: Path, models: str = BUNDLE):
         import requests
 
         self.url, self.http = f"http://127.0.0.1:{port}", requests
         self.log = open(log, "w")
         self.process = subprocess.Popen(
             [str(monailabel), "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
-             "--port", str(port), "--conf", "models", BUNDLE, "--conf", "zoo_source", "github", "--conf", "sam2",
+             "--port", str(port), "--conf", "models", models, "--conf", "zoo_source", "github", "--conf", "sam2",
              "false"], stdout=self.log, stderr=subprocess.STDOUT, env=venv_env(monailabel))
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -125,8 +136,8 @@ class Server:
             time.sleep(2)
         raise RuntimeError(f"the server did not answer within 600 s; see {log}")
 
-    def infer(self, case: str, out: Path) -> np.ndarray:
-        r = self.http.post(f"{self.url}/infer/{BUNDLE}", params={"image": case, "output": "image"},
+    def infer(self, case: str, out: Path, model: str = BUNDLE) -> np.ndarray:
+        r = self.http.post(f"{self.url}/infer/{model}", params={"image": case, "output": "image"},
                            data={"params": json.dumps({"device": "cpu"})}, timeout=600)
         r.raise_for_status()
         out.write_bytes(r.content)
@@ -175,20 +186,30 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="MONAI Label's virtual environment")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--ensemble", action="store_true", help="also serve an ensemble bundle of folds 0 and 1")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="autoplan-monailabel-"))
     work.mkdir(parents=True, exist_ok=True)
     monailabel = ensure_venv(args.venv)
-    bundle, studies, unlabelled = prepare(work, monailabel)
+    bundle, studies, unlabelled = prepare(work, monailabel, args.ensemble)
     results = []
 
     def check(name: str, ok: bool, detail: str = "") -> None:
         results.append(ok)
         print(f"{'ok    ' if ok else 'FAILED'} {name}{': ' + detail if detail else ''}", flush=True)
 
-    server = Server(monailabel, work / "apps" / "monaibundle", studies, args.port, work / "server.log")
+    models = f"{BUNDLE},{ENSEMBLE}" if args.ensemble else BUNDLE
+    server = Server(monailabel, work / "apps" / "monaibundle", studies, args.port, work / "server.log", models)
     try:
         case = unlabelled[0]
+        if args.ensemble:  # before any training changes the fold bundle
+            served = server.infer(case, work / "infer_ensemble.nii.gz", ENSEMBLE)
+            own = own_inference(bundle.parent / ENSEMBLE, studies / f"{case}.nii.gz", work / "own_ensemble")
+            info = server.http.get(f"{server.url}/info/", timeout=30).json()
+            labels = info.get("models", {}).get(ENSEMBLE, {}).get("labels")
+            check("the server's ensemble inference equals the ensemble bundle's own",
+                  np.array_equal(served, own), f"{int((served != own).sum())} of {own.size} voxels differ, "
+                  f"labels served {labels}, predicted {sorted(np.unique(own).tolist())}")
         first = server.infer(case, work / "infer1.nii.gz")
         own = own_inference(bundle, studies / f"{case}.nii.gz", work / "own")
         check("the server's inference equals the bundle's own", np.array_equal(first, own),

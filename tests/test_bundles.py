@@ -153,9 +153,8 @@ def test_workflow_properties_are_complete(emitted, config, workflow_type):
 
 def test_verify_net_in_out(emitted):
     for bundle in emitted[2].values():
-        result = bundle_cmd(bundle, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                            "--config_file", "configs/inference.json", "--n", "2")
-        assert "verified" in (result.stdout + result.stderr).lower() or result.returncode == 0
+        bundle_cmd(bundle, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                   "--config_file", "configs/inference.json")  # MONAI's defaults: n = 1, one patch
 
 
 def test_training_writes_models_progress_and_validation(trained_3d):
@@ -405,7 +404,7 @@ def test_ckpt_export_gives_the_same_output(trained_3d):
         parser.read_config(str(bundle / "configs/inference.json"))
         parser["bundle_root"] = str(bundle)
         network = parser.get_parsed_content("network_def")
-        network.load_state_dict(torch.load(bundle / "models/model.pt", map_location="cpu"))
+        network.load_state_dict(torch.load(bundle / "models/model.pt", map_location="cpu", weights_only=True))
         network.eval()
         x = torch.randn(1, 1, *patch)
         with torch.no_grad():

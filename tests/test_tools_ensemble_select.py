@@ -222,7 +222,7 @@ def test_folds_of_one_configuration_average_logits_or_probabilities(setup, singl
         plan = PlanSettings.from_plans(plans, "3d_fullres")
         pre, _, props = preprocess_case(data, spacing, plan)
         network = network_from_plan(resolve_configuration(plans, "3d_fullres"), 1, 3, True)
-        network.load_state_dict(torch.load(bundle / "models/model.pt"))
+        network.load_state_dict(torch.load(bundle / "models/model.pt", weights_only=True))
         network.eval()
         with torch.no_grad(), one_thread():
             logits.append(NnUNetInferer(config["patch_size"], config["mirror_axes"])(
@@ -261,7 +261,7 @@ def monai_label_style(bundle: Path, image: Path, expected: Path):
         parser.read_config(str(bundle / "configs/inference.json"))
         parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
         network = parser.get_parsed_content("network_def")
-        network.load_state_dict(torch.load(bundle / "models/model.pt"))
+        network.load_state_dict(torch.load(bundle / "models/model.pt", weights_only=True))
         network.eval()
         inferer = parser.get_parsed_content("inferer")
         post = [t for t in parser.get_parsed_content("postprocessing").transforms
@@ -285,18 +285,19 @@ def test_make_bundle_runs_with_monai_and_equals_the_tool(setup, two_config_predi
     members = [bundles / bundle_name("3d_fullres", 0), bundles / bundle_name("2d", 0)]
     ens = tmp_path / "Tiny_ensemble"
     assert tool("ensemble", "make-bundle", *members, "--out", ens) == 0
-    for f in ("configs/inference.json", "configs/metadata.json", "configs/members.json", "configs/dataset.json",
+    for f in ("configs/inference.json", "configs/metadata.json", "configs/dataset.json",
               "configs/logging.conf", "models/model.pt", "scripts/ensemble.py", "scripts/postprocessing.py",
               "scripts/inference.py", "LICENSE", "docs/README.md"):
         assert (ens / f).is_file(), f
     meta = json.loads((ens / "configs/metadata.json").read_text())
-    assert meta["version"] in meta["changelog"] and meta["name"] == ens.name
+    assert meta["version"] in meta["changelog"]
+    assert meta["name"] == f"{DATASET} segmentation (nnU-Net ensemble of 2d, 3d_fullres, 2 bundles)"
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["2"] == "structure_2"
-    state = torch.load(ens / "models/model.pt")
+    state = torch.load(ens / "models/model.pt", weights_only=True)
     for i, member in enumerate(members):
-        own = torch.load(member / "models/model.pt")
+        own = torch.load(member / "models/model.pt", weights_only=True)
         assert all(torch.equal(state[f"members.{i}.{k}"], v) for k, v in own.items())
-    assert len(state) == sum(len(torch.load(m / "models/model.pt")) for m in members)
+    assert len(state) == sum(len(torch.load(m / "models/model.pt", weights_only=True)) for m in members)
     config = json.loads((ens / "configs/inference.json").read_text())
     assert config["preprocessing"]["transforms"][0] == {"_target_": "LoadImaged", "keys": "image",
                                                         "image_only": True, "ensure_channel_first": True}
@@ -329,7 +330,7 @@ def test_make_bundle_of_one_configuration_verifies_net_in_out(setup, tmp_path):
     ens = tmp_path / "folds_ensemble"
     assert tool("ensemble", "make-bundle", *[bundles / bundle_name("2d", f) for f in (0, 1)], "--out", ens) == 0
     result = cli("-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                 "--config_file", "configs/inference.json", "--n", "2", cwd=ens)
+                 "--config_file", "configs/inference.json", cwd=ens)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -418,7 +419,7 @@ def test_select_builds_the_final_bundle_with_its_postprocessing(setup, selection
     final = selection / f"{DATASET}_ensemble"
     config = json.loads((final / "configs/inference.json").read_text())
     assert config["keep_largest_foreground"] is True and config["keep_largest_labels"] == []
-    members = json.loads((final / "configs/members.json").read_text())["members"]
+    members = config["members"]  # in the config itself: nothing is read relative to bundle_root
     assert [m["name"] for m in members] == [bundle_name("3d_fullres", f) for f in FOLDS]
     out = tmp_path / "final"
     result = cli("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir",

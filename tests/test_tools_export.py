@@ -1,6 +1,7 @@
 """tools/export.py: reproducible bundle zips in MONAI's convention, safe installation, and a zipped, moved and
 installed bundle predicting exactly as the original."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,7 +80,13 @@ def test_export_is_monai_shaped_reproducible_and_readable_in_place(bundle, tmp_p
     names = [i.filename for i in infos]
     assert names == sorted(names) and all(n.startswith(f"{NAME}/") for n in names)
     files = {n[len(NAME) + 1:] for n in names if not n.endswith("/")}
-    assert files == set(shipped_files(folder))
+    assert files == set(shipped_files(folder)) | {tool.MANIFEST}
+    with zipfile.ZipFile(first) as archive:  # the manifest: sha256sum's format, every other file, its own hash
+        manifest = archive.read(f"{NAME}/{tool.MANIFEST}").decode().splitlines()
+    assert sorted(line.split("  ", 1)[1] for line in manifest) == sorted(shipped_files(folder))
+    for line in manifest:
+        digest, rel = line.split("  ", 1)
+        assert digest == hashlib.sha256((folder / rel).read_bytes()).hexdigest(), rel
     assert {"configs/inference.json", "configs/metadata.json", "models/model.pt", "scripts/data.py"} <= files
     assert not any(n.startswith("eval/") or n.endswith(".pyc") or "__pycache__" in n for n in files)
     assert tool.CHECKPOINT not in files
@@ -113,7 +120,9 @@ def test_zipped_moved_installed_bundle_is_identical_and_predicts_the_same(bundle
     shutil.move(archive, moved)
     installed = tool.install_bundle(moved, tmp_path / "installed")
     assert installed == tmp_path / "installed" / NAME
-    assert shipped_files(installed) == shipped_files(folder)
+    assert shipped_files(installed) == shipped_files(folder) | {tool.MANIFEST: (installed / tool.MANIFEST).read_bytes()}
+    check = subprocess.run(["sha256sum", "-c", "--quiet", tool.MANIFEST], cwd=installed, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
     assert sorted(p.name for p in (tmp_path / "installed").iterdir()) == [NAME]  # no scratch left behind
     with pytest.raises(tool.BundleError, match="already exists"):
         tool.install_bundle(moved, tmp_path / "installed")
@@ -154,6 +163,80 @@ def test_malicious_zips_are_refused_and_nothing_is_written(tmp_path, kind):
     expected = {"dotdot": "'..' in the path", "absolute": "absolute path", "symlink": "symbolic link"}[kind]
     assert f"error: {zip_path}: member " in result.stderr and expected in result.stderr
     assert not outside.exists() and not (tmp_path / "dest").exists()
+
+
+def rewrite_member(archive: Path, rel: str, data: bytes, manifest: bool = False) -> None:
+    """Replace one member of a bundle zip (and, with ``manifest``, its line in SHA256SUMS) as an attacker would."""
+    with zipfile.ZipFile(archive) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    top = archive.stem
+    members[f"{top}/{rel}"] = data
+    if manifest:
+        lines = [line for line in members[f"{top}/{tool.MANIFEST}"].decode().splitlines() if not line.endswith(rel)]
+        lines.append(f"{hashlib.sha256(data).hexdigest()}  {rel}")
+        members[f"{top}/{tool.MANIFEST}"] = ("\n".join(lines) + "\n").encode()
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, content in members.items():
+            z.writestr(name, content)
+
+
+def test_install_runs_nothing_of_a_hostile_bundle(bundle, tmp_path):
+    """A zip whose inference.json hides code in a `$` expression (dataset_dir, a property MONAI's check_properties
+    evaluates) installs without the code ever running; installing it does not vouch for running it."""
+    _, folder = bundle
+    archive = tool.export_bundle(folder, tmp_path / f"{NAME}.zip")
+    witness = tmp_path / "expression_ran"
+    config = json.loads((folder / "configs" / "inference.json").read_text())
+    config["dataset_dir"] = f"$open({str(witness)!r}, 'w').write('ran') and ''"
+    rewrite_member(archive, "configs/inference.json", json.dumps(config).encode(), manifest=True)
+    installed = tool.install_bundle(archive, tmp_path / "installed")
+    assert json.loads((installed / "configs" / "inference.json").read_text())["dataset_dir"] == config["dataset_dir"]
+    assert not witness.exists()
+    assert not any(m == "scripts" or m.startswith("scripts.") for m in sys.modules)  # nothing imported either
+
+
+def test_install_refuses_files_that_differ_from_the_manifest(bundle, tmp_path, capsys):
+    _, folder = bundle
+    archive = tool.export_bundle(folder, tmp_path / f"{NAME}.zip")
+    rewrite_member(archive, "scripts/data.py", b"import os\nos.system('echo pwned')\n")
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["install", str(archive), "--out", str(tmp_path / "dest")])
+    assert exit_info.value.code == 2
+    assert "scripts/data.py: SHA-256 differs from SHA256SUMS" in capsys.readouterr().err
+    assert list((tmp_path / "dest").iterdir()) == []
+    rewrite_member(archive, "scripts/extra.py", b"print('unlisted')\n")
+    with pytest.raises(tool.BundleError, match="scripts/extra.py: not in SHA256SUMS"):
+        tool.install_bundle(archive, tmp_path / "dest")
+
+
+def test_onnx_export_writes_a_model_equal_to_pytorch(bundle, tmp_path, capsys):
+    """``export --onnx`` writes models/model.onnx; onnxruntime's logits on a patch equal the eager network's."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is in the project's onnx/test extras")
+    import onnxruntime
+    import torch
+    from monai.bundle import ConfigParser
+
+    _, folder = bundle
+    copy = shutil.copytree(folder, tmp_path / NAME, ignore=shutil.ignore_patterns("eval"))
+    tool.main([str(copy), "--onnx"])
+    assert "max abs difference" in capsys.readouterr().out
+    inference = json.loads((copy / "configs" / "inference.json").read_text())
+    x = torch.randn(3, 1, *inference["patch_size"])  # another batch size than the export's
+    sys.path.insert(0, str(copy))
+    try:
+        parser = ConfigParser(inference)
+        parser["bundle_root"] = str(copy)
+        network = parser.get_parsed_content("network_def").eval()
+        network.load_state_dict(torch.load(copy / "models" / "model.pt", weights_only=True))
+        with torch.no_grad():
+            expected = network(x).numpy()
+    finally:
+        sys.path.remove(str(copy))
+        _purge_scripts()
+    session = onnxruntime.InferenceSession(str(copy / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]
+    assert got.shape == expected.shape == (3, 3, *inference["patch_size"])
+    assert np.abs(got - expected).max() <= 1e-4
 
 
 def test_failed_bundle_check_leaves_nothing_behind(bundle, tmp_path, capsys):

@@ -36,8 +36,8 @@ dataset.json, else the first folder's files.
 ``configs/inference.json`` (ids ``network_def`` = ``scripts.ensemble.EnsembleNetwork``, ``inferer`` =
 ``scripts.ensemble.EnsembleInferer``, ``preprocessing`` = ``LoadImaged`` only, ``postprocessing`` = argmax, optional
 keep-largest-component steps from ``--postprocessing`` (the ``postprocessing.json`` written by
-``autoplan select``), ``SaveImaged``). ``configs/members.json`` holds each member's plans and inference settings,
-``models/model.pt`` the members' weights (keys ``members.<i>.*``), ``scripts/`` the repository's ``bundles/scripts``.
+``autoplan select``), ``SaveImaged``). Its ``members`` id holds each member's plans and inference settings (in the
+config itself, so nothing is read relative to ``bundle_root``), ``models/model.pt`` the members' weights (keys ``members.<i>.*``), ``scripts/`` the repository's ``bundles/scripts``.
 
 Bad input (no bundles, a folder that is not a trained bundle, members with different labels or channels, no common
 npz, a missing reference image) prints ``error: ...`` naming the file and exits with status 2. Outputs are written
@@ -91,7 +91,7 @@ def foreground_labels_of(labels: dict) -> list:
 
 
 def read_member(bundle, averaged: bool = True) -> dict:
-    """A trained single-configuration bundle: its member description (for ``members.json``) and dataset facts."""
+    """A trained single-configuration bundle: its member description (an entry of the ensemble's ``members``) and dataset facts."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise ToolError(f"{bundle}: not a bundle folder")
@@ -235,7 +235,7 @@ def load_state_dict(path) -> dict:
 
 # --- the ensemble's inference config ---------------------------------------------------------------------------
 def ensemble_config(infos: list, postprocessing: dict | None = None) -> dict:
-    """The ensemble template with the dataset's values (members come from ``configs/members.json``)."""
+    """The ensemble template with the dataset's values and the members' descriptions."""
     config = json.loads(TEMPLATE.read_text())
     first = infos[0]
     labels = first["spec"]["labels"]
@@ -247,6 +247,7 @@ def ensemble_config(infos: list, postprocessing: dict | None = None) -> dict:
         "foreground_labels": first["member"]["foreground_labels"],
         "keep_largest_foreground": bool((postprocessing or {}).get("keep_largest_foreground", False)),
         "keep_largest_labels": list((postprocessing or {}).get("keep_largest_labels", [])),
+        "members": [info["member"] for info in infos],
     }
     dataset_dir = first["dataset_dir"]
     if isinstance(dataset_dir, str) and dataset_dir and not dataset_dir.startswith(("$", "@")):
@@ -254,10 +255,6 @@ def ensemble_config(infos: list, postprocessing: dict | None = None) -> dict:
     for key, value in values.items():
         config[key] = value
     return config
-
-
-def members_document(infos: list) -> dict:
-    return {"members": [info["member"] for info in infos]}
 
 
 def _repo_scripts_on_path() -> None:
@@ -292,8 +289,6 @@ def run_ensemble(infos: list, dataset_dir: Path, output_dir: Path, use_tta: bool
     _repo_scripts_on_path()
     work = Path(tempfile.mkdtemp(prefix="autoplan-ensemble-"))
     try:
-        (work / "configs").mkdir()
-        (work / "configs" / "members.json").write_text(json.dumps(members_document(infos)))
         parser = ConfigParser(ensemble_config(infos, postprocessing))
         parser.update({"bundle_root": str(work), "dataset_dir": str(dataset_dir), "output_dir": str(output_dir),
                        "use_tta": bool(use_tta), "fold_averaging": fold_averaging,
@@ -453,8 +448,10 @@ def ensemble_metadata(infos: list, name: str, version: str, postprocessing: dict
         "version": version,
         "changelog": {version: f"ensemble of {len(infos)} autoplan bundle(s): "
                                f"{', '.join(i['bundle'].name for i in infos)}"},
-        "name": name,
+        "name": name or f"{dataset} segmentation (nnU-Net ensemble of {', '.join(configurations)}, "
+                        f"{len(averaged)} bundles)",
         "task": f"{dataset} segmentation (ensemble of {', '.join(configurations)})",
+        "eval_metrics": {},  # the members' fold validations do not measure the ensemble
         "description": (f"nnU-Net-style ensemble for {dataset}: {len(averaged)} bundle(s) of "
                         f"{', '.join(configurations)}; folds of a configuration average logits, configurations "
                         f"average probabilities" + (f"; postprocessing keeps the {' and the '.join(steps)}"
@@ -481,11 +478,17 @@ def _readme(name: str, infos: list, postprocessing: dict | None, single_group: b
     for label in pp.get("keep_largest_labels", []):
         steps.append(f"keep only the largest connected component of label {label}")
     pp_text = ("; then ".join(steps) + " (full connectivity; removed voxels become background)") if steps else "none"
-    verify = ("`python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json --config_file "
-              "configs/inference.json` checks the network (its forward is the members' mean logits)."
-              if single_group else
-              "`verify_net_in_out` and `ckpt_export` do not apply: members of different configurations take "
-              "different inputs, so the network has no single-tensor forward; the inferer does the prediction.")
+    from autoplan.emit import deploy_docs, monai_label_docs, safety_docs
+
+    first = infos[0]["member"]
+    multi_group_deploy = """## MONAI Deploy
+Pass this folder as `bundle_path` to MONAI Deploy's `MonaiBundleInferenceOperator` (the operator puts it on
+`sys.path` and loads `models/model.pt`); it runs from any working directory, and a channel-less image gets its
+channel. The TorchScript and ONNX forms, and the model zoo's `verify_net_in_out` and `ckpt_export` checks, do not
+apply to this ensemble: members of different configurations need different preprocessing, so the network has no
+single-tensor forward and the `inferer` does the prediction (list the bundle in the zoo's
+`exclude_verify_shape_list` and `exclude_verify_torchscript_list`). Ensembles of one configuration's folds have them.
+"""
     return f"""# {name}
 
 An ensemble of autoplan (nnU-Net v2 style) bundles, packaged as one MONAI Bundle by `autoplan ensemble make-bundle`.
@@ -499,7 +502,9 @@ An ensemble of autoplan (nnU-Net v2 style) bundles, packaged as one MONAI Bundle
 configuration, that configuration's nnU-Net preprocessing, the sliding-window prediction of each of its folds with
 mirroring test-time augmentation, averages the folds' logits, restores them to the original grid and takes the
 softmax; the configurations' probabilities are averaged (nnU-Net's ensembling). `postprocessing` takes the argmax,
-applies the chosen connected-component steps and writes `CASE<ending>` with the input's geometry.
+applies the chosen connected-component steps and writes `CASE<ending>` with the input's geometry. With one
+configuration, `network_def`'s forward is the folds' mean logits, so `python -m monai.bundle verify_net_in_out
+network_def --meta_file configs/metadata.json --config_file configs/inference.json` checks it.
 
 Postprocessing: {pp_text}.
 
@@ -511,13 +516,9 @@ Postprocessing: {pp_text}.
 probabilities` averages every member's probabilities instead of the folds' logits,
 `--keep_largest_foreground False --keep_largest_labels "[]"` disables the postprocessing.
 
-## Deploy
-`configs/inference.json` has the standard ids (`network_def`, `network`, `preprocessing` starting with `LoadImaged`,
-`inferer`, `postprocessing`, `dataset`, `evaluator`, `initialize`, `run`), `models/model.pt` is the state dict of
-`network_def`, so MONAI Label (from its `model/` folder) and MONAI Deploy's bundle operator (directory form) serve it
-like any bundle: both call `inferer(image, network)` and then `postprocessing`. {verify}
-The members' plans are in `configs/members.json`.
-"""
+{monai_label_docs(name, trainable=False)}
+{deploy_docs(name, first["in_channels"], first["patch_size"]) if single_group else multi_group_deploy}
+{safety_docs()}"""
 
 
 def make_bundle(*bundles, out=None, postprocessing=None, name=None, version: str = VERSION):
@@ -527,7 +528,7 @@ def make_bundle(*bundles, out=None, postprocessing=None, name=None, version: str
         bundles: trained bundle folders sharing dataset.json's labels and channels.
         out: the new bundle folder (must not exist).
         postprocessing: postprocessing.json (from autoplan select) built into inference.json.
-        name: the bundle's name in metadata.json (default: the folder name).
+        name: the bundle's human-readable name in metadata.json (default: dataset, configurations, member count).
         version: the bundle's version (default 0.1.0).
     """
     import torch
@@ -543,7 +544,7 @@ def make_bundle(*bundles, out=None, postprocessing=None, name=None, version: str
     from bundles.scripts.ensemble import member_groups
 
     single_group = len(member_groups([i["member"] for i in infos])) == 1
-    name = str(name or out.name)
+    name = str(name) if name else None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
     try:
@@ -551,7 +552,6 @@ def make_bundle(*bundles, out=None, postprocessing=None, name=None, version: str
         configs.mkdir()
         first = infos[0]["bundle"]
         (configs / "inference.json").write_text(json.dumps(ensemble_config(infos, pp), indent=4))
-        (configs / "members.json").write_text(json.dumps(members_document(infos), indent=1))
         shutil.copyfile(first / "configs" / "dataset.json", configs / "dataset.json")
         (configs / "metadata.json").write_text(json.dumps(ensemble_metadata(infos, name, str(version), pp), indent=4))
         logging_conf = first / "configs" / "logging.conf"
@@ -567,7 +567,7 @@ def make_bundle(*bundles, out=None, postprocessing=None, name=None, version: str
         torch.save(state, tmp / "models" / "model.pt")
         shutil.copytree(SCRIPTS, tmp / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / "docs").mkdir()
-        (tmp / "docs" / "README.md").write_text(_readme(name, infos, pp, single_group))
+        (tmp / "docs" / "README.md").write_text(_readme(out.name, infos, pp, single_group))
         if (first / "docs" / "data_license.txt").is_file():
             shutil.copyfile(first / "docs" / "data_license.txt", tmp / "docs" / "data_license.txt")
         if (first / "LICENSE").is_file():

@@ -2,8 +2,12 @@
 
 Usage (``python tools/export.py`` takes the same arguments)::
 
-    autoplan export BUNDLE --out NAME.zip [--include-eval] [--include-checkpoint]
+    autoplan export BUNDLE --out NAME.zip [--include-eval] [--include-checkpoint] [--onnx]
+    autoplan export BUNDLE --onnx
     autoplan export install NAME.zip --out DIR [--overwrite]
+
+Running a bundle executes its configs (``$`` expressions are Python, ``_target_`` names any callable, ``scripts/``
+is imported): run only bundles from people you trust. Installing runs nothing of the bundle.
 
 **Export** writes MONAI's zip convention: ``NAME.zip`` holds ``NAME/configs/...``, ``NAME/models/...`` and so on
 (the zip stem *is* the top folder, which ``monai.bundle.load_bundle_config`` relies on; when NAME differs from the
@@ -11,22 +15,32 @@ bundle folder's name, the top folder inside is called NAME). Entries are ZIP_DEF
 timestamp (1980-01-01) and fixed permissions (0644, 0755 for executables), so the same folder always gives the same
 bytes. Left out: ``__pycache__/`` and ``*.pyc``/``*.pyo``; ``eval/`` (predictions, logs, TensorBoard) unless
 ``--include-eval``; ``models/resume/checkpoint_latest.pt`` (the resume state) unless ``--include-checkpoint``. Empty folders
-are kept as folder entries. Symlinks are stored as the files they point to. The zip is written to a temporary name,
+are kept as folder entries. Symlinks are stored as the files they point to. ``NAME/SHA256SUMS`` lists the SHA-256 of
+every file (``sha256sum -c SHA256SUMS`` in the installed folder rechecks it). The zip is written to a temporary name,
 then checked: every CRC, and ``load_bundle_config(zip, "inference.json")`` (plus every other ``configs/*.json``)
 reading the configs straight from the zip; only then is it moved to NAME.zip.
 
+**--onnx** writes ``models/model.onnx`` from ``network_def`` and ``models/model.pt`` first (dynamic batch and
+spatial axes) and checks that onnxruntime's logits equal PyTorch's within 1e-4 on one input of the metadata's
+``spatial_shape`` (n = 1); the bundle then also runs with ``--network_backend onnxruntime``. This builds the
+bundle's network, i.e. runs its config: your own bundles only.
+
 **Install** extracts into ``DIR/<top folder>`` after validating every member: absolute paths, ``..`` components,
 backslashes, symlinks and other special files, encrypted or duplicate members, members outside a single top folder,
-and anything whose resolved path would leave DIR are refused before anything is written. Extraction goes to a
-temporary folder inside DIR, where MONAI's bundle checks run: ``configs/metadata.json`` and ``configs/inference.json``
-parse, ``ConfigWorkflow(workflow_type="infer", initialize=[])`` initialises and ``check_properties()`` is empty;
-``models/model.pt`` missing is only a warning. The folder is renamed into place only if every check passes.
+and anything whose resolved path would leave DIR are refused before anything is written, and so is a file whose
+SHA-256 differs from the zip's ``SHA256SUMS`` (or that the manifest does not list; a zip without a manifest is only
+warned about). Extraction goes to a temporary folder inside DIR, where the bundle is checked **without evaluating
+anything of it** (MONAI's ``check_properties`` would evaluate ``$`` expressions, i.e. run the bundle's code):
+``configs/metadata.json`` and ``configs/inference.json`` parse as JSON objects and hold every id that MONAI's
+inference and metadata properties require; ``models/model.pt`` missing is only a warning. The folder is renamed
+into place only if every check passes.
 
 Any problem prints ``error: <file>: <problem>`` on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,6 +58,7 @@ FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 CACHE_DIRS = {"__pycache__"}
 CACHE_SUFFIXES = (".pyc", ".pyo")
 CHECKPOINT = "models/resume/checkpoint_latest.pt"
+MANIFEST = "SHA256SUMS"
 
 
 class BundleError(Exception):
@@ -77,7 +92,7 @@ def bundle_members(bundle, include_eval: bool = False, include_checkpoint: bool 
         kept_files = []
         for name in sorted(files):
             rel = (rel_folder / name).as_posix()
-            if name.endswith(CACHE_SUFFIXES) or (rel == CHECKPOINT and not include_checkpoint):
+            if name.endswith(CACHE_SUFFIXES) or (rel == CHECKPOINT and not include_checkpoint) or rel == MANIFEST:
                 continue
             if not (folder / name).is_file():
                 _warn(f"{folder / name}: not a regular file (dangling link?), left out")
@@ -96,19 +111,40 @@ def _zip_info(arcname: str, source: Path) -> zipfile.ZipInfo:
         info.external_attr = ((stat.S_IFDIR | 0o755) << 16) | 0x10
         info.compress_type = zipfile.ZIP_STORED
     else:
-        mode = 0o755 if os.access(source, os.X_OK) else 0o644
+        in_memory = isinstance(source, bytes)
+        mode = 0o755 if not in_memory and os.access(source, os.X_OK) else 0o644
         info.external_attr = (stat.S_IFREG | mode) << 16
         info.compress_type = zipfile.ZIP_DEFLATED
-        info.file_size = source.stat().st_size  # lets zipfile choose zip64 for huge files up front
+        # lets zipfile choose zip64 for huge files up front
+        info.file_size = len(source) if in_memory else source.stat().st_size
     return info
 
 
+def _sha256(stream) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: stream.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_text(members) -> str:
+    """``sha256sum`` lines (``<hex>  <relative path>``) for the files among ``members``."""
+    lines = []
+    for rel, source in members:
+        if not rel.endswith("/"):
+            with open(source, "rb") as f:
+                lines.append(f"{_sha256(f)}  {rel}")
+    return "\n".join(lines) + "\n"
+
+
 def _write_zip(path: Path, top: str, members) -> None:
+    """The members and ``SHA256SUMS`` over them, in sorted order."""
+    entries = sorted([*members, (MANIFEST, manifest_text(members).encode())])
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for rel, source in members:
+        for rel, source in entries:
             info = _zip_info(f"{top}/{rel}", source)
-            if rel.endswith("/"):
-                archive.writestr(info, b"")
+            if isinstance(source, bytes) or rel.endswith("/"):
+                archive.writestr(info, source if isinstance(source, bytes) else b"")
                 continue
             with open(source, "rb") as src, archive.open(info, "w") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
@@ -175,7 +211,7 @@ def export_bundle(bundle, out, include_eval: bool = False, include_checkpoint: b
     try:
         staged = scratch / out.name  # same name as the result: load_bundle_config needs stem == top folder
         _write_zip(staged, top, members)
-        problems = verify_zip(staged, [f"{top}/{rel}" for rel, _ in members])
+        problems = verify_zip(staged, sorted(f"{top}/{rel}" for rel in [MANIFEST, *(rel for rel, _ in members)]))
         if problems:
             raise BundleError(problems)
         os.chmod(staged, 0o644)
@@ -183,6 +219,61 @@ def export_bundle(bundle, out, include_eval: bool = False, include_checkpoint: b
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return out
+
+
+def _patch_input_shape(meta: dict, path: Path) -> list[int]:
+    """(1, channels, *patch) from metadata's input: ``spatial_shape`` entries are ints or ``"P*n"`` (n = 1)."""
+    image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
+    shape = [1, int(image.get("num_channels", 1))]
+    for size in image.get("spatial_shape", []):
+        match = re.fullmatch(r"\s*(\d+)\s*(\*\s*n\s*)?", str(size))
+        if not match:
+            raise BundleError(f"{path}: spatial_shape entry {size!r} gives no input size for the ONNX export (an "
+                              "ensemble of several configurations has no single-tensor network)")
+        shape.append(int(match.group(1)))
+    return shape
+
+
+def write_onnx(bundle) -> tuple[Path, float]:
+    """``models/model.onnx`` from the bundle's ``network_def`` and ``models/model.pt`` (with the bundle's own
+    ``scripts``, forgotten afterwards); returns its path and the max abs logits difference to PyTorch."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle = Path(bundle)
+    paths = {name: bundle / rel for name, rel in (("meta", "configs/metadata.json"),
+                                                  ("inference", "configs/inference.json"),
+                                                  ("weights", "models/model.pt"))}
+    missing = [f"{p}: missing" for p in paths.values() if not p.is_file()]
+    if missing:
+        raise BundleError(missing)
+    try:
+        shape = _patch_input_shape(json.loads(paths["meta"].read_text()), paths["meta"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{paths['meta']}: not valid JSON ({exc})") from None
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m == "scripts" or m.startswith("scripts.")}
+    sys.path.insert(0, str(bundle))
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(paths["inference"]))
+        parser["bundle_root"] = str(bundle)
+        network = parser.get_parsed_content("network_def")
+        try:
+            network.load_state_dict(torch.load(paths["weights"], map_location="cpu", weights_only=True))
+        except RuntimeError as exc:
+            raise BundleError(f"{paths['weights']}: does not fit network_def ({str(exc).splitlines()[0]})") from None
+        from scripts.backends import export_onnx
+
+        target = bundle / "models" / "model.onnx"
+        try:
+            return target, export_onnx(network, target, shape)
+        except ValueError as exc:
+            raise BundleError(str(exc)) from None
+    finally:
+        sys.path.remove(str(bundle))
+        for m in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[m]
+        sys.modules.update(saved)
 
 
 # ------------------------------------------------------------------------------------------------------- install
@@ -249,14 +340,50 @@ def _extract(archive: zipfile.ZipFile, infos, root: Path) -> None:
             shutil.copyfileobj(src, dst, 1 << 20)
 
 
-def _purge_scripts() -> dict:
-    """Remove (and return) the bundle-local ``scripts`` package from sys.modules: every bundle ships its own."""
-    return {name: sys.modules.pop(name) for name in list(sys.modules)
-            if name == "scripts" or name.startswith("scripts.")}
+def manifest_problems(root: Path) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of an extracted bundle against its ``SHA256SUMS``: every file listed, every hash equal."""
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        return [], [f"{root}: no {MANIFEST} manifest, the files' integrity is not checked"]
+    listed = {}
+    for number, line in enumerate(manifest.read_text().splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            return [f"{manifest}: line {number} is not '<sha256>  <path>'"], []
+        listed[rel] = digest
+    problems = []
+    present = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file() and p != manifest}
+    for rel, path in sorted(present.items()):
+        if rel not in listed:
+            problems.append(f"{root / rel}: not in {MANIFEST}")
+        else:
+            with open(path, "rb") as f:
+                if _sha256(f) != listed[rel]:
+                    problems.append(f"{root / rel}: SHA-256 differs from {MANIFEST}")
+    problems += [f"{root / rel}: listed in {MANIFEST} but missing" for rel in sorted(set(listed) - set(present))]
+    return problems, []
+
+
+def _config_ids(config: dict, config_id: str):
+    """Whether ``config_id`` (``a::b`` or ``a#b``, list indices as numbers) exists in the raw JSON; nothing is
+    evaluated."""
+    node = config
+    for part in config_id.replace("#", "::").split("::"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False
+    return True
 
 
 def check_bundle(root) -> tuple[list[str], list[str]]:
-    """(problems, warnings) of MONAI's checks on an extracted bundle folder."""
+    """(problems, warnings) of an extracted bundle folder, found without evaluating anything of it: the configs
+    parse, and every id that MONAI's inference and metadata properties require is present."""
+    from monai.bundle.properties import InferProperties, MetaProperties
+    from monai.utils import BundleProperty, BundlePropertyConfig
+
     root = Path(root)
     problems, warnings = [], []
     configs = {}
@@ -271,36 +398,13 @@ def check_bundle(root) -> tuple[list[str], list[str]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             problems.append(f"{path}: not valid JSON ({exc})")
     if not problems:
-        import logging
-
-        from monai.bundle import ConfigWorkflow
-
-        saved = _purge_scripts()
-        sys.path.insert(0, str(root))
-        # ConfigWorkflow logs "skipping logging" and whatever check_properties returns; we report problems ourselves
-        loggers = [logging.getLogger(n) for n in ("monai.bundle", "monai.bundle.workflows")]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            workflow = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"),
-                                      meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
-                                      workflow_type="infer", bundle_root=str(root), initialize=[])
-            workflow.initialize()
-            missing = workflow.check_properties()
+        for name, properties, prefix in (("inference.json", InferProperties, ""),
+                                         ("metadata.json", MetaProperties, "_meta_::")):
+            missing = [p for p, spec in properties.items() if spec[BundleProperty.REQUIRED]
+                       and not _config_ids(configs[name], spec[BundlePropertyConfig.ID].removeprefix(prefix))]
             if missing:
-                problems.append(f"{root / 'configs' / 'inference.json'}: MONAI inference properties missing or "
-                                f"wired to the wrong id: {', '.join(missing)}")
-        except Exception as exc:  # noqa: BLE001 - whatever MONAI raises is the failed check
-            problems.append(f"{root / 'configs' / 'inference.json'}: ConfigWorkflow failed: "
-                            f"{type(exc).__name__}: {exc}")
-        finally:
-            for lg, lv in zip(loggers, levels):
-                lg.setLevel(lv)
-            if str(root) in sys.path:
-                sys.path.remove(str(root))
-            _purge_scripts()
-            sys.modules.update(saved)
+                problems.append(f"{root / 'configs' / name}: MONAI's required properties missing: "
+                                f"{', '.join(missing)}")
     if not (root / "models" / "model.pt").is_file():
         warnings.append(f"{root / 'models' / 'model.pt'}: missing (the bundle has no trained weights)")
     return problems, warnings
@@ -339,7 +443,10 @@ def install_bundle(zip_path, out, overwrite: bool = False) -> Path:
                 _extract(archive, infos, scratch)
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise BundleError(f"{zip_path}: extraction failed ({exc})") from None
-            problems, warnings = check_bundle(scratch / top)
+            problems, warnings = manifest_problems(scratch / top)
+            if not problems:
+                problems, more = check_bundle(scratch / top)
+                warnings += more
             for w in warnings:
                 _warn(w.replace(str(scratch / top), str(final)))
             if problems:
@@ -365,17 +472,27 @@ def _guarded(fn, *args):
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
-def export(bundle, out, include_eval: bool = False, include_checkpoint: bool = False):
+def export(bundle, out=None, include_eval: bool = False, include_checkpoint: bool = False, onnx: bool = False):
     """Zip a bundle folder in MONAI's convention (NAME.zip holds NAME/...), reproducibly, and verify it.
 
-    The other command, `install NAME.zip --out DIR`, extracts such a zip safely and runs MONAI's checks.
+    The other command, `install NAME.zip --out DIR`, extracts such a zip safely and checks it without running it.
+    Running a bundle executes its configs: run only bundles from people you trust.
 
     Args:
         bundle: the bundle folder (with configs/metadata.json and configs/inference.json).
-        out: the zip to write, NAME.zip; its top folder is NAME.
+        out: the zip to write, NAME.zip; its top folder is NAME (optional with --onnx).
         include_eval: also archive eval/ (predictions, logs, TensorBoard).
         include_checkpoint: also archive models/resume/checkpoint_latest.pt (resume state).
+        onnx: first write models/model.onnx (checked against PyTorch with onnxruntime, max abs diff <= 1e-4).
     """
+    if out is None and not onnx:
+        print("error: --out NAME.zip is required (or --onnx to write models/model.onnx only)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+    if onnx:
+        target, difference = _guarded(write_onnx, str(bundle))
+        print(f"wrote {target} (onnxruntime vs PyTorch logits: max abs difference {difference:.2e})")
+    if out is None:
+        return
     path = _guarded(export_bundle, str(bundle), str(out), bool(include_eval), bool(include_checkpoint))
     with zipfile.ZipFile(path) as archive:
         n, size = len(archive.namelist()), sum(i.compress_size for i in archive.infolist())
@@ -392,7 +509,7 @@ def install(zip_file, out, overwrite: bool = False):
         overwrite: replace an existing OUT/<top folder>.
     """
     final = _guarded(install_bundle, str(zip_file), str(out), bool(overwrite))
-    print(f"installed {final} (metadata.json and inference.json parse, ConfigWorkflow properties complete)")
+    print(f"installed {final} (SHA-256 manifest and MONAI's required ids checked; nothing of the bundle was run)")
 
 
 def main(argv=None, prog="export.py"):

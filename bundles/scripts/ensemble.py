@@ -40,7 +40,7 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from .inference import NnUNetInferer
-from .networks import network_from_plan
+from .networks import network_from_plan, single_tensor
 from .preprocessing import (PlanSettings, from_nnunet_order, logits_to_original, preprocess_case,
                             resolve_configuration, spacing_from_meta, to_nnunet_order)
 
@@ -98,12 +98,9 @@ class EnsembleNetwork(nn.Module):
         if not self.single_group:
             raise RuntimeError("EnsembleNetwork: members of different configurations need different inputs; predict "
                                "with scripts.ensemble.EnsembleInferer (the bundle's 'inferer')")
-        outputs = []
+        outputs: List[torch.Tensor] = []
         for member in self.members:
-            out = member(x)
-            if not isinstance(out, torch.Tensor) or out.dim() != x.dim():
-                raise TypeError("EnsembleNetwork.forward needs eval mode (deep supervision returns several outputs)")
-            outputs.append(out)
+            outputs.append(single_tensor(member(x), x.dim()))  # eval mode: one logits tensor per member
         return torch.stack(outputs).mean(0)
 
 

@@ -112,5 +112,21 @@ def predict_validation(bundle_root, datalist: list, output_dir, device=None, sav
     pairs = [(str(item["label"]), os.path.join(str(output_dir), case_of(item) + config["file_ending"]))
              for item in datalist]
     labels = config["labels"]
-    return evaluate_files(pairs, labels, ignore_label=labels.get("ignore"),
-                          output_file=str(Path(output_dir) / "summary.json"))
+    summary = evaluate_files(pairs, labels, ignore_label=labels.get("ignore"),
+                             output_file=str(Path(output_dir) / "summary.json"))
+    record_eval_metrics(bundle_root / "configs" / "metadata.json", summary, labels)
+    return summary
+
+
+def record_eval_metrics(metadata_file, summary: dict, labels: dict) -> dict:
+    """Writes ``eval_metrics`` into metadata.json from a validation ``summary.json`` (the Dice of the weights the
+    bundle ships, which the model zoo asks for), atomically; returns the metrics."""
+    names = {str(v): k for k, v in labels.items() if not isinstance(v, list)}
+    metrics = {"mean_dice": summary["foreground_mean"]["Dice"], "validation_cases": len(summary["metric_per_case"])}
+    metrics.update({f"dice_{names.get(label, label)}": values["Dice"] for label, values in summary["mean"].items()})
+    meta = json.loads(Path(metadata_file).read_text())
+    meta["eval_metrics"] = metrics
+    tmp = Path(metadata_file).with_name(f".metadata.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=4))
+    os.replace(tmp, metadata_file)
+    return metrics

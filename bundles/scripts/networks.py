@@ -5,9 +5,9 @@ every stage has one kernel size and two convs (``dynunet_is_exact``). Anisotropi
 3x3x3) and other conv counts get ``PlainConvUNet`` written here, since DynUNet's decoder picks other kernels. MONAI
 has no ResEnc U-Net (DynUNet's ``res_block`` puts one residual block per stage in encoder *and* decoder), so it is
 written here too. Both are plain torch with the same outputs and parameters as dynamic_network_architectures', and
-nnU-Net's checkpoints load into them (``nnunet_state_dict``). The modules here must stay ``torch.jit.trace``-able in
-eval mode (``ckpt_export --use_trace`` makes ``model.ts``); our U-Nets and ``MirrorTTA`` also script, which DynUNet
-with deep supervision does not.
+nnU-Net's checkpoints load into them (``nnunet_state_dict``). Every network here scripts (``torch.jit.script``, what
+the model zoo's ``ckpt_export`` does by default) and traces in eval mode (``--use_trace``), and exports to ONNX;
+``tests/test_bundle_export.py`` compares each form's output with the eager network's.
 
 In training mode with deep supervision every network returns a list of logits, one per decoder stage at that stage's
 own resolution, highest first (nnU-Net's outputs; MONAI's own ``DynUNet`` would upsample every head to full
@@ -323,6 +323,31 @@ def dynunet_state_dict(state_dict: dict, n_stages: int) -> dict:
 _HEADS = ("decoder.seg_layers.", "output_block.", "deep_supervision_heads.")
 
 
+def _numpy_globals() -> list:
+    """The numpy types nnU-Net's checkpoints pickle besides tensors (scalars and dtypes in 'logging' and
+    'init_args'), allowed by ``torch.load(weights_only=True)``."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]
+    return [multiarray.multiarray.scalar, np.dtype, *dtypes]
+
+
+def load_checkpoint(path):
+    """``torch.load(path, weights_only=True)`` with nnU-Net's numpy scalars and dtypes allowed: anything else a
+    pickle could construct (and run) is refused with ``ValueError`` naming the file."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = str(exc).splitlines()
+        why = next((line.strip() for line in lines if "global" in line.casefold()), lines[0])
+        raise ValueError(f"{path}: refused, the checkpoint holds objects other than tensors, plain containers and "
+                         f"numpy scalars ({why})") from None
+
+
 def load_initial_weights(network: nn.Module, path) -> List[str]:
     """Start training from saved weights, like nnU-Net's ``-pretrained_weights``.
 
@@ -333,7 +358,7 @@ def load_initial_weights(network: nn.Module, path) -> List[str]:
     fine-tuned. Returns the head keys left out. A resumed training replaces these weights with its checkpoint's.
     ``network`` is the plain module (the bundles pass ``network_def``, never a DDP or compiled wrapper).
     """
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path)
     if isinstance(state, dict):
         state = state.get("network_weights", state.get("network", state))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -385,13 +410,36 @@ def _check_arch_kwargs(kw: dict) -> None:
 
 class NativeResolutionDynUNet(DynUNet):
     """MONAI's ``DynUNet`` whose deep-supervision heads stay at their own resolution in training (a list, highest
-    resolution first), like nnU-Net's PlainConvUNet; same modules and state dict as ``DynUNet``."""
+    resolution first), like nnU-Net's PlainConvUNet; same modules and state dict as ``DynUNet``.
 
-    def forward(self, x):
-        out = self.output_block(self.skip_layers(x))
-        if self.training and self.deep_supervision:
-            return [out, *self.heads]
-        return out
+    ``forward`` walks the blocks itself instead of through DynUNet's recursive ``skip_layers`` (kept, unused, for
+    the state dict's alias keys): those write the heads into a shared ``Optional`` list, which ``torch.jit.script``
+    rejects, so this is what makes ``ckpt_export`` without ``--use_trace`` work.
+    """
+
+    __jit_ignored_attributes__ = ["skip_layers"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.deep_supervision:  # an empty list, so the scripted forward compiles (no state-dict keys)
+            self.deep_supervision_heads = nn.ModuleList()
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        skips: List[torch.Tensor] = [self.input_block(x)]
+        for down in self.downsamples:
+            skips.append(down(skips[-1]))
+        x = self.bottleneck(skips[-1])
+        decoded: List[torch.Tensor] = []  # decoder outputs, deepest first (upsamples[0] is the deepest)
+        for up in self.upsamples:
+            x = up(x, skips[len(skips) - 1 - len(decoded)])
+            decoded.append(x)
+        out = self.output_block(x)
+        if not (self.training and self.deep_supervision):
+            return out
+        outputs: List[torch.Tensor] = [out]
+        for head in self.deep_supervision_heads:  # head j reads the decoder output one level above the last read
+            outputs.append(head(decoded[len(decoded) - 1 - len(outputs)]))
+        return outputs
 
 
 def dynunet_is_exact(arch_kwargs: dict) -> bool:
@@ -517,17 +565,19 @@ class MirrorTTA(nn.Module):
                       for subset in itertools.combinations(axes, r)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _single_tensor(self.network(x), x.dim())
+        out = single_tensor(self.network(x), x.dim())
         for dims in self.flips:
-            out = out + torch.flip(_single_tensor(self.network(torch.flip(x, dims)), x.dim()), dims)
+            out = out + torch.flip(single_tensor(self.network(torch.flip(x, dims)), x.dim()), dims)
         return out / (len(self.flips) + 1)
 
 
-def _single_tensor(out: Union[torch.Tensor, List[torch.Tensor]], ndim: int) -> torch.Tensor:
+def single_tensor(out: Union[torch.Tensor, List[torch.Tensor]], ndim: int) -> torch.Tensor:
     """The network's output if it is one (B, C, *spatial) tensor; a DS list or DynUNet's stacked DS tensor is refused.
 
     The isinstance check also narrows the type for TorchScript.
     """
-    if isinstance(out, torch.Tensor) and out.dim() == ndim:
-        return out
-    raise TypeError("MirrorTTA needs one (B, C, *spatial) logits tensor: put the network in eval mode")
+    if isinstance(out, torch.Tensor):  # nested, not `and`: TorchScript narrows the Union only this way
+        if out.dim() == ndim:
+            return out
+    raise TypeError("one (B, C, *spatial) logits tensor expected: put the network in eval mode (deep supervision "
+                    "returns several outputs)")

@@ -205,6 +205,28 @@ def logits_to_original(logits: np.ndarray, properties: dict, plan: PlanSettings,
 
 
 # --- MONAI transforms ------------------------------------------------------------------------------------------
+def channel_first(image):
+    """``image`` with a channel dimension: loaders that hand over a channel-less image (MONAI Deploy's DICOM and
+    NIfTI paths give (x, y, z)) are recognised by having as many dims as the ``spatial_shape`` in their meta data.
+    Images without that meta data are taken to have their channel first already."""
+    meta = getattr(image, "meta", None) or {}
+    spatial_shape = meta.get("spatial_shape")
+    if spatial_shape is not None and image.ndim == len(np.asarray(spatial_shape).reshape(-1)):
+        return image[None]
+    return image
+
+
+class ChannelFirstd(MapTransform):
+    """Adds the channel dimension a loader left out (see ``channel_first``); images with one pass unchanged. It runs
+    right after ``LoadImaged``, which consumers such as MONAI Deploy drop in favour of their own loaders."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = channel_first(d[key])
+        return d
+
+
 class NnUNetPreprocessd(MapTransform):
     """Turns a loaded (C, x, y, z) image into the network's preprocessed (C, z', y', x') input.
 
