@@ -58,7 +58,7 @@ def find_jobs(work_dir, configurations=None, folds=None) -> list[Job]:
     from tools.ensemble import ToolError
     from tools.find_best import find_bundles, order_configurations, previous_stage
 
-    bundles_dir = Path(str(work_dir)) / "bundles"
+    bundles_dir = Path(str(work_dir)).resolve() / "bundles"  # absolute: tasks run in other folders and on other nodes
     if not bundles_dir.is_dir():
         raise TrainError(f"{bundles_dir}: no such folder (autoplan run RAW --out {work_dir} writes the bundles)")
     try:
@@ -86,8 +86,7 @@ def find_jobs(work_dir, configurations=None, folds=None) -> list[Job]:
     return jobs
 
 
-def bundle_args(epochs=None, iterations=None, device=None, overrides=(), tracking=None, tracking_uri=None,
-                experiment=None) -> list[str]:
+def bundle_args(epochs=None, iterations=None, device=None, overrides=()) -> list[str]:
     """Command-line overrides of ``monai.bundle run training``, the same for every bundle."""
     args = []
     for key, value in (("epochs", epochs), ("iterations_per_epoch", iterations), ("device", device)):
@@ -98,10 +97,6 @@ def bundle_args(epochs=None, iterations=None, device=None, overrides=(), trackin
         if not sep or not key:
             raise TrainError(f"--override {item!r}: expected KEY=VALUE (a top-level id of configs/train.json)")
         args += [f"--{key}", value]
-    if tracking:
-        args += ["--tracking", tracking, "--experiment_name", experiment]
-        if tracking_uri:
-            args += ["--tracking_uri", tracking_uri]
     return args
 
 
@@ -207,7 +202,8 @@ def train(work_dir, configurations=None, folds=None, address=None, num_cpus=None
     datasets = sorted({j.dataset for j in jobs})
     if tracking and tracking != "mlflow":
         raise TrainError(f"--tracking {tracking!r}: only mlflow is supported")
-    uri = tracking_uri or f"sqlite:///{bundles_dir.resolve() / 'mlflow.db'}"
+    uri = tracking_uri or f"sqlite:///{bundles_dir / 'mlflow.db'}"
+    common = bundle_args(epochs, iterations, device, overrides)
     started_ray = start_ray(address, num_cpus)
     try:
         gpus = gpus_per_task if gpus_per_task is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
@@ -219,9 +215,8 @@ def train(work_dir, configurations=None, folds=None, address=None, num_cpus=None
         launched = time.time()
         refs, results, pending = {}, {}, {}
         for job in jobs:
-            args = bundle_args(epochs, iterations, device, overrides, tracking, uri, job.dataset)
-            if tracking:
-                args += ["--run_name", job.name]
+            args = common + (["--tracking", tracking, "--tracking_uri", uri, "--experiment_name", job.dataset,
+                              "--run_name", job.name] if tracking else [])
             if finished(job.bundle):
                 results[job.name] = {"bundle": str(job.bundle), "status": DONE_BEFORE}
                 continue
@@ -265,16 +260,18 @@ def train(work_dir, configurations=None, folds=None, address=None, num_cpus=None
         print(f"{len(failures)} bundle(s) failed or did not run; see their logs (selection skipped)", file=sys.stderr)
     elif select:
         for dataset in datasets:
-            run_selection(bundles_dir, dataset, sorted({j.fold for j in jobs if j.dataset == dataset}), device,
-                          uri if tracking else None)
+            run_selection(bundles_dir, dataset, configurations, sorted({j.fold for j in jobs if j.dataset == dataset}),
+                          device, uri if tracking else None)
     return ordered
 
 
-def run_selection(bundles_dir: Path, dataset: str, folds: list[int], device, tracking_uri) -> None:
-    """``autoplan select`` over the trained folds; with MLflow, its report goes into the dataset's experiment."""
+def run_selection(bundles_dir: Path, dataset: str, configurations, folds: list[int], device, tracking_uri) -> None:
+    """``autoplan select`` over the trained configurations and folds; with MLflow, its report goes into the
+    dataset's experiment."""
     from tools.find_best import select
 
-    select(bundles_dir, folds=",".join(map(str, folds)), dataset=dataset, device=device)
+    select(bundles_dir, configurations=",".join(configurations) if configurations else None,
+           folds=",".join(map(str, folds)), dataset=dataset, device=device)
     if tracking_uri:
         import mlflow
 

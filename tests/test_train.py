@@ -65,7 +65,8 @@ def test_failure_rerun_resume_and_predict(work, tmp_path, capsys):
     assert first[f"{NAME}_2d_fold1"]["status"] == "failed" and os.path.isfile(first[f"{NAME}_2d_fold1"]["log"])
     assert first[f"{NAME}_2d_fold1"]["log"] in out.out and "selection skipped" in out.err
     assert [r["status"] for n, r in first.items() if n != f"{NAME}_2d_fold1"] == ["trained"] * 3
-    assert "validation Dice" in out.out and all(r["dice"] is not None for r in first.values() if r["status"] == "trained")
+    assert "validation Dice" in out.out
+    assert all(r["dice"] is not None for r in first.values() if r["status"] == "trained")
 
     broken.write_text(original)
     interrupted = bundles / f"{NAME}_3d_fullres_fold1"  # as if stopped after epoch 1 of 2
