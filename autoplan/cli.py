@@ -194,6 +194,69 @@ def demo(out="demo_out", processes: int = 2, epochs: int = 2, iterations: int = 
     _guarded(run_demo, out, processes, epochs, iterations)
 
 
+def _pairs(value):
+    """``"KEY=VALUE KEY=VALUE"`` (fire keeps only the last of a repeated flag), split on spaces."""
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value).split()
+
+
+def train(work_dir="work", configurations=None, folds=None, address=None, num_cpus: int = None,
+          gpus_per_task: float = None, cpus_per_task: float = 1, epochs: int = None, iterations: int = None,
+          device=None, override=None, tracking=None, tracking_uri=None, no_select: bool = False):
+    """Train every bundle of a work folder as tasks on Ray (resumable), then select the best configuration.
+
+    Each bundle trains in its own folder (``monai.bundle run training``; output in its eval/train.log); finished
+    bundles are skipped, interrupted ones resume; a 3d_cascade_fullres fold starts once every 3d_lowres fold has
+    finished. The exit status is 1 when a bundle failed (the others still train).
+
+    Args:
+        work_dir: the folder that ``autoplan run`` wrote (bundles under WORK_DIR/bundles).
+        configurations: only these configurations, e.g. 2d,3d_fullres (a cascade brings its previous stage along).
+        folds: only these folds, e.g. 0,1.
+        address: an existing Ray cluster (auto, or ray://HOST:10001); default: a local Ray instance for this run.
+        num_cpus: CPUs of the local Ray instance (default: all of this machine's).
+        gpus_per_task: GPUs per training (default 1 when the cluster has GPUs, else 0); 0.5 puts two on a GPU.
+        cpus_per_task: CPUs per training, e.g. 1 + the bundle's num_workers (default 1).
+        epochs: training epochs (bundle default 1000).
+        iterations: iterations per epoch (bundle default 250).
+        device: e.g. cpu (default: cuda:0 when the task has a GPU).
+        override: KEY=VALUE pairs for top-level ids of configs/train.json, e.g. "num_workers=4 val_iterations=10".
+        tracking: mlflow: every bundle's run in one experiment named after the dataset, plus the selection report.
+        tracking_uri: MLflow tracking URI (default: sqlite database WORK_DIR/bundles/mlflow.db).
+        no_select: skip ``autoplan select`` after training.
+    """
+    from autoplan.train import train as train_all
+    from tools.ensemble import ToolError
+
+    try:
+        results = _guarded(train_all, work_dir, _names(configurations), None if folds is None else _folds(folds),
+                           address, num_cpus, gpus_per_task, cpus_per_task, epochs, iterations, device,
+                           _pairs(override), tracking, tracking_uri, not no_select)
+    except ToolError as exc:  # from the selection
+        _fail([str(exc)])
+    if any(r["status"] not in ("trained", "done before") for r in results):
+        raise SystemExit(1)
+
+
+def predict(work_dir, input_dir, output_dir, bundle=None, device=None, override=None):
+    """Predict a folder of images with the selected final bundle (ensemble plus postprocessing).
+
+    Args:
+        work_dir: the work folder (its bundles/selection/report.json names the final bundle).
+        input_dir: images named CASE_XXXX<ending> (nnU-Net's imagesTs layout).
+        output_dir: folder for the label maps.
+        bundle: predict with this bundle folder instead (any fold or ensemble bundle).
+        device: e.g. cpu.
+        override: KEY=VALUE pairs for top-level ids of configs/inference.json, e.g. "use_tta=False".
+    """
+    from autoplan.train import predict as run_predict
+
+    status = _guarded(run_predict, work_dir, input_dir, output_dir, bundle, device, _pairs(override))
+    if status:
+        raise SystemExit(status)
+
+
 COMMANDS = {
     "synthetic": synthetic,
     "convert-msd": convert_msd,
@@ -203,6 +266,8 @@ COMMANDS = {
     "emit": emit,
     "run": run,
     "demo": demo,
+    "train": train,
+    "predict": predict,
 }
 
 # module in tools/ and one-line summary; the summary lives here so that ``autoplan --help`` imports no tool
