@@ -279,7 +279,7 @@ PLAIN_FIXTURE = ROOT / "tests" / "fixtures" / "nnunet_plain_unets.pt"
 def test_plain_unet_reproduces_nnunets_own_network(case):
     """nnU-Net 2.8.1 built these PlainConvUNets from plans (benchmarks/make_network_fixture.py); the plan builds ours,
     nnU-Net's weights load strictly, and every output matches. DynUNet cannot express either plan."""
-    fixture = torch.load(PLAIN_FIXTURE, weights_only=False)[case]
+    fixture = torch.load(PLAIN_FIXTURE, weights_only=True)[case]
     plan = {"architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
                              "arch_kwargs": fixture["arch_kwargs"]}}
     assert not dynunet_is_exact(fixture["arch_kwargs"])
@@ -301,7 +301,7 @@ def test_training_steps_reproduce_nnunets_own():
     from bundles.scripts.handlers import clip_gradients_hook
     from bundles.scripts.losses import DeepSupervisedLoss, NnUNetDiceCE
 
-    fixture = torch.load(PLAIN_FIXTURE, weights_only=False)["anisotropic_3d"]
+    fixture = torch.load(PLAIN_FIXTURE, weights_only=True)["anisotropic_3d"]
     template = json.loads((ROOT / "bundles" / "templates" / "train.json").read_text())
 
     def value(v):  # the optimizer's settings are top-level ids of train.json

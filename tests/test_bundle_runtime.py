@@ -392,7 +392,7 @@ def test_poly_learning_rate_follows_nnunets_formula_and_the_configured_epochs_on
 
 def test_model_best_holds_the_weights_of_the_epoch_whose_ema_strictly_improved(tmp_path):
     """Pseudo-Dice EMAs 0.3, 0.5, 0.5, 0.4, 0.45: model_best.pt is epoch 2's weights (a tie does not replace it);
-    checkpoint_latest.pt and model.pt are the last epoch's."""
+    resume/checkpoint_latest.pt and model.pt are the last epoch's."""
     from ignite.engine import Engine, Events
 
     from bundles.scripts.handlers import PolyLR, TrainingProgress
@@ -416,7 +416,7 @@ def test_model_best_holds_the_weights_of_the_epoch_whose_ema_strictly_improved(t
     engine.run([0], max_epochs=5)
     weight = lambda name: float(torch.load(tmp_path / "models" / name)["weight"])  # noqa: E731
     assert weight("model_best.pt") == 2.0 and weight("model.pt") == 5.0
-    latest = torch.load(tmp_path / "models" / "checkpoint_latest.pt", weights_only=False)
+    latest = torch.load(tmp_path / "models" / "resume" / "checkpoint_latest.pt", weights_only=True)
     assert latest["best_ema"] == 0.5 and latest["epoch"] == 5 and float(latest["network"]["weight"]) == 5.0
     assert latest["history"]["val_ema"] == emas and latest["history"]["epoch"] == [1, 2, 3, 4, 5]
 
