@@ -180,18 +180,22 @@ def run(raw_dir, out="work", planner: str = "default", gpu_memory_gb: float = No
     _guarded(run_pipeline, raw_dir, out, planner, gpu_memory_gb, processes, _names(configurations), _folds(folds))
 
 
-def demo(out="demo_out", processes: int = 2, epochs: int = 2, iterations: int = 10):
-    """Synthetic dataset -> plan -> bundles -> a short training -> inference -> evaluation, in a few CPU minutes.
+def demo(out="demo_out", processes: int = 2, epochs: int = 5, iterations: int = 12, seed: int = 0):
+    """A synthetic task taken through plan, bundles, training, inference and evaluation; ~3 minutes on 2 CPU cores.
+
+    Prints the validation Dice of every label against 0.85, and the paths of the training curves and of an overview
+    picture of one predicted test case.
 
     Args:
-        out: output folder (raw data under out/raw, everything else under out/work).
-        processes: worker processes (planning, and data loading in the training).
+        out: output folder (raw data under out/raw, everything else under out/work, the picture out/overview.png).
+        processes: worker processes (planning, and data loading in the training; torch gets the cores left, at least 1).
         epochs: training epochs of the demo (nnU-Net's default is 1000).
         iterations: iterations per epoch (nnU-Net's default is 250).
+        seed: seed of the synthetic dataset.
     """
-    from autoplan.pipeline import demo as run_demo
+    from autoplan.demo import demo as run_demo
 
-    _guarded(run_demo, out, processes, epochs, iterations)
+    _guarded(run_demo, out, processes, epochs, iterations, seed)
 
 
 def _pairs(value):

@@ -1,9 +1,7 @@
-"""The end-to-end flow: dataset -> verify -> fingerprint -> plans -> bundles (-> train/infer/evaluate in the demo)."""
+"""The end-to-end flow: dataset -> verify -> fingerprint -> plans -> bundles (``autoplan.demo`` goes on to train)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 from autoplan.dataset import dataset_name, load_json
@@ -61,40 +59,3 @@ def describe_plans(plans: dict) -> str:
         lines.append(f"{name:<20}{patch:<18}{spacing:<26}{c['batch_size']:>6}"
                      f"{c['architecture']['arch_kwargs']['n_stages']:>8}")
     return "\n".join(lines)
-
-
-def _bundle(command: list, bundle: Path) -> None:
-    """Run ``python -m monai.bundle ...`` inside a bundle folder, as a user would."""
-    import subprocess
-    import sys
-
-    print(f"$ (cd {bundle} && python -m monai.bundle {' '.join(command)})")
-    subprocess.run([sys.executable, "-m", "monai.bundle", *command], cwd=bundle, check=True)
-
-
-def demo(out="demo_out", processes: int = 2, epochs: int = 2, iterations: int = 10) -> Path:
-    """Generate a small synthetic dataset and take it through plan, emit, a short training, inference and evaluation."""
-    from autoplan.synthetic import make_synthetic_dataset
-
-    out = Path(out)
-    raw = out / "raw" / "Dataset900_Synthetic"
-    work = out / "work"
-    for generated in (raw, work):
-        if generated.exists():
-            shutil.rmtree(generated)
-    make_synthetic_dataset(raw, cases=10, shape=(48, 48, 24), spacing=(1.0, 1.0, 2.0), labels=2, test_cases=2)
-    print(f"generated {raw}")
-    plans_path = run(raw, work, processes=processes, configurations=["3d_fullres"], folds=[0])
-    plans = json.loads(plans_path.read_text())
-    bundle = work / "bundles" / f"{plans['dataset_name']}_3d_fullres_fold0"
-    _bundle(["run", "training", "--config_file", "configs/train.json", "--epochs", str(epochs),
-             "--iterations_per_epoch", str(iterations), "--val_iterations", "2", "--num_workers", str(processes)],
-            bundle)
-    predictions = bundle / "eval" / "test_predictions"
-    _bundle(["run", "--config_file", "configs/inference.json", "--dataset_dir", str((raw / "imagesTs").resolve()),
-             "--output_dir", str(predictions.resolve())], bundle)
-    summary = json.loads((bundle / "eval" / "validation" / "summary.json").read_text())
-    print(f"test-set predictions: {sorted(p.name for p in predictions.glob('*.nii.gz'))}")
-    print(f"validation Dice per label after {epochs} x {iterations} iterations (a smoke run, not a trained model): "
-          + ", ".join(f"{k}: {v['Dice']:.3f}" for k, v in summary["mean"].items()))
-    return bundle

@@ -37,17 +37,42 @@ def _smooth_field(rng, shape, strength: float) -> np.ndarray:
     return 1.0 + strength * field / max(len(grids), 1)
 
 
-def make_case(rng, shape_zyx, spacing_zyx, num_channels: int, num_labels: int, modality: str):
-    """One case: a list of channel arrays (float32) and a uint8 label map, arrays in (z, y, x) order."""
+def _place_structures(rng, shape_zyx, spacing_zyx, body, body_center, body_radii, num_labels: int,
+                      structure_size, separate: bool) -> np.ndarray:
+    """The label map: ``num_labels`` ellipsoids inside the body; with ``separate``, no two of them touch.
+
+    Separate structures are drawn again, all together, until they fit apart (a later one cannot crowd out an earlier).
+    """
+    for _ in range(1000 if separate else 1):
+        placed = []
+        for _ in range(num_labels):
+            radii = body_radii * rng.uniform(*structure_size, 3)
+            spread = rng.uniform(-0.9, 0.9, 3) if separate else rng.uniform(-0.45, 0.45, 3)
+            placed.append((body_center + spread * (body_radii - radii), radii))
+        if not separate or all(np.linalg.norm(c1 - c2) > r1.max() + r2.max()
+                               for i, (c1, r1) in enumerate(placed) for c2, r2 in placed[:i]):
+            break
+    else:
+        raise ValueError(f"cannot place {num_labels} separate structures of relative size {structure_size}")
+    label = np.zeros(shape_zyx, np.uint8)
+    for k, (center, radii) in enumerate(placed, start=1):
+        label[_ellipsoid(shape_zyx, spacing_zyx, center, radii) & body] = k
+    return label
+
+
+def make_case(rng, shape_zyx, spacing_zyx, num_channels: int, num_labels: int, modality: str,
+              structure_size=(0.25, 0.4), separate: bool = False):
+    """One case: a list of channel arrays (float32) and a uint8 label map, arrays in (z, y, x) order.
+
+    ``structure_size`` is the range of a structure's radii relative to the body's; ``separate`` keeps structures apart
+    (by default a later one may cover part of an earlier one).
+    """
     extent = np.array(shape_zyx) * np.array(spacing_zyx)
     body_center = extent / 2 + rng.uniform(-0.05, 0.05, 3) * extent
     body_radii = extent * rng.uniform(0.38, 0.45, 3)
     body = _ellipsoid(shape_zyx, spacing_zyx, body_center, body_radii)
-    label = np.zeros(shape_zyx, np.uint8)
-    for k in range(1, num_labels + 1):
-        radii = body_radii * rng.uniform(0.25, 0.4, 3)
-        center = body_center + rng.uniform(-0.45, 0.45, 3) * (body_radii - radii)
-        label[_ellipsoid(shape_zyx, spacing_zyx, center, radii) & body] = k
+    label = _place_structures(rng, shape_zyx, spacing_zyx, body, body_center, body_radii, num_labels, structure_size,
+                              separate)
     channels = []
     for c in range(num_channels):
         if modality.upper() == "CT":
@@ -85,10 +110,11 @@ def _write(array: np.ndarray, path: Path, spacing_zyx, origin_xyz, is_2d: bool):
 
 def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=None, channels: int = 1,
                            modality: str = "MR", labels: int = 2, test_cases: int = 0, spacing_jitter: float = 0.0,
-                           seed: int = 0) -> Path:
+                           seed: int = 0, structure_size=(0.25, 0.4), separate: bool = False) -> Path:
     """Write a dataset to ``out_dir`` (which must not exist yet). Shape and spacing are given as (x, y, z).
 
     ``spacing`` defaults to 1 mm on every axis. ``spacing_jitter`` varies each case's spacing by up to that fraction; shapes vary by up to 10 % per case.
+    ``structure_size`` and ``separate`` set how hard the task is (see ``make_case``).
     The folder appears complete or not at all.
     """
     out_dir = Path(out_dir)
@@ -109,7 +135,8 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
         for i in range(cases + test_cases):
             case_shape = tuple(max(int(round(s * rng.uniform(0.9, 1.1))), 8) if s > 1 else 1 for s in shape_zyx)
             case_spacing = tuple(s * rng.uniform(1 - spacing_jitter, 1 + spacing_jitter) for s in spacing_zyx)
-            images, label = make_case(rng, case_shape, case_spacing, channels, labels, modality)
+            images, label = make_case(rng, case_shape, case_spacing, channels, labels, modality, structure_size,
+                                      separate)
             origin = tuple(rng.uniform(-50, 50, 3))
             training = i < cases
             name = f"case_{i:03d}"
