@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         result[f"tta_{t}_labels"] = label_maps_equal(Path(o["predictions"]), Path(n["predictions"]))
         print(f"TTA {t}: label maps of the two backends: {result[f'tta_{t}_labels']}")
     print()
-    bu.print_table(rows, ("", "onnxruntime", "torch"))
+    bu.print_table(rows, ("", "onnxruntime", "torch"), "ort/torch")
     result["table"] = [{"metric": r[0], "onnxruntime": r[1], "torch": r[2],
                         "ratio_onnxruntime_over_torch": bu.ratio(r[1], r[2])} for r in rows]
     result["loadavg_end"] = bu.loadavg()

@@ -417,9 +417,9 @@ def fmt(v, spec: str = ".3f") -> str:
     return format(v, spec)
 
 
-def print_table(rows: list[tuple], header: tuple) -> None:
-    """rows of (label, ours, nnunet, unit/format); ratio = ours / nnU-Net."""
-    print(f"{header[0]:44s} {header[1]:>12s} {header[2]:>12s} {'ours/nnU-Net':>13s}")
+def print_table(rows: list[tuple], header: tuple, ratio_title: str = "ours/nnU-Net") -> None:
+    """rows of (label, first, second, unit/format); ratio = first / second."""
+    print(f"{header[0]:44s} {header[1]:>12s} {header[2]:>12s} {ratio_title:>13s}")
     for label, o, n, spec in rows:
         print(f"{label:44s} {fmt(o, spec):>12s} {fmt(n, spec):>12s} {fmt(ratio(o, n), '.2f'):>13s}")
 
