@@ -48,17 +48,22 @@ DEFAULT_VENV = Path.home() / ".cache" / "autoplan" / "monailabel-0.8.5-venv"
 
 
 def ensure_venv(path: Path) -> Path:
-    """The venv's ``monailabel`` command, installing MONAI Label first when it is not there."""
-    exe = path / "bin" / "monailabel"
-    if not exe.exists():
+    """The venv's python, installing MONAI Label first when it is not there."""
+    if not (path / "bin" / "monailabel").exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], check=True)
         subprocess.run([str(path / "bin" / "pip"), "install", "-q", *PACKAGES], check=True)
-    return exe
+    return path / "bin" / "python"
 
 
-def venv_env(monailabel: Path) -> dict:
-    """The environment of an activated venv: the ``monailabel`` script runs the ``python`` found first on PATH."""
-    return {**os.environ, "PATH": f"{monailabel.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def monailabel_command(python: Path) -> list[str]:
+    """``monailabel`` through the venv's python: the ``monailabel`` shell script would also put the folder holding
+    the venv on PYTHONPATH, where any other package lying there would be imported."""
+    return [str(python), "-m", "monailabel.main"]
+
+
+def venv_env(python: Path) -> dict:
+    """The environment of an activated venv (its bin/ first on PATH)."""
+    return {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def sha(path: Path) -> str:
@@ -75,7 +80,8 @@ def prepare(work: Path, monailabel: Path, with_ensemble: bool = False) -> tuple[
     raw = make_synthetic_dataset(work / "raw" / "Dataset963_LabelLoop", cases=8, shape=(32, 32, 16),
                                  spacing=(1, 1, 2), labels=2, test_cases=2, seed=11)
     run(raw, work / "work", processes=1, configurations=["3d_fullres"], folds=[0, 1] if with_ensemble else [0])
-    subprocess.run([str(monailabel), "apps", "--download", "--name", "monaibundle", "--output", str(work / "apps")],
+    subprocess.run([*monailabel_command(monailabel), "apps", "--download", "--name", "monaibundle", "--output",
+                    str(work / "apps")],
                    check=True, env=venv_env(monailabel))
     bundle = work / "apps" / "monaibundle" / "model" / BUNDLE
     shutil.copytree(work / "work" / "bundles" / "Dataset963_LabelLoop_3d_fullres_fold0", bundle)
@@ -121,7 +127,8 @@ class Server:
         self.url, self.http = f"http://127.0.0.1:{port}", requests
         self.log = open(log, "w")
         self.process = subprocess.Popen(
-            [str(monailabel), "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
+            [*monailabel_command(monailabel), "start_server", "--app", str(app), "--studies", str(studies), "--host",
+             "127.0.0.1",
              "--port", str(port), "--conf", "models", models, "--conf", "zoo_source", "github", "--conf", "sam2",
              "false"], stdout=self.log, stderr=subprocess.STDOUT, env=venv_env(monailabel))
         deadline = time.monotonic() + 600

@@ -73,3 +73,15 @@ def sklearn_splits(case_ids) -> list[dict]:
     cases = sorted(case_ids)
     return [{"train": [cases[i] for i in train], "val": [cases[i] for i in val]}
             for train, val in KFold(5, shuffle=True, random_state=12345).split(cases)]
+
+
+def with_lowres_and_cascade(plans: dict) -> dict:
+    """``plans`` plus a stand-in ``3d_lowres`` (3d_fullres at 1.5 x its spacing) and the ``3d_cascade_fullres`` that
+    takes it as previous stage, as nnU-Net plans a large dataset; the tiny synthetic datasets get no lowres stage."""
+    plans = json.loads(json.dumps(plans))
+    lowres = json.loads(json.dumps(plans["configurations"]["3d_fullres"]))
+    lowres.update(data_identifier="nnUNetPlans_3d_lowres", spacing=[s * 1.5 for s in lowres["spacing"]],
+                  next_stage="3d_cascade_fullres")
+    plans["configurations"]["3d_lowres"] = lowres
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    return plans

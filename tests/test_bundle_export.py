@@ -18,7 +18,8 @@ import torch
 from autoplan.emit import emit
 from autoplan.pipeline import run
 from autoplan.synthetic import make_synthetic_dataset
-from tests.test_bundles import bundle_on_path
+from conftest import with_lowres_and_cascade
+from test_bundles import bundle_on_path
 
 CONFIGURATIONS = ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]
 DATASET = "Dataset964_Export"
@@ -35,11 +36,7 @@ def bundles(tmp_path_factory):
                                  test_cases=1, seed=5)
     plans_path = run(raw, root / "work", processes=1, configurations=["3d_fullres"], folds=[0])
     plans = json.loads(plans_path.read_text())
-    lowres = json.loads(json.dumps(plans["configurations"]["3d_fullres"]))
-    lowres.update(data_identifier="nnUNetPlans_3d_lowres", spacing=[s * 1.5 for s in lowres["spacing"]],
-                  next_stage="3d_cascade_fullres")
-    plans["configurations"]["3d_lowres"] = lowres
-    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans = with_lowres_and_cascade(plans)
     (root / "plans.json").write_text(json.dumps(plans))
     out = root / "bundles"
     emit(root / "plans.json", raw, out, CONFIGURATIONS, [0])

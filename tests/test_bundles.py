@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import sklearn_splits
+from conftest import sklearn_splits, with_lowres_and_cascade
 from autoplan.emit import emit
 from autoplan.pipeline import run
 from autoplan.synthetic import make_synthetic_dataset
@@ -447,11 +447,7 @@ def test_cascade_uses_the_previous_stage_as_extra_channels(emitted, tmp_path):
     """3d_cascade_fullres trains on the 3d_lowres folds' validation predictions and predicts from a lowres output."""
     raw, plans_path, _ = emitted
     plans = json.loads(plans_path.read_text())
-    lowres = json.loads(json.dumps(plans["configurations"]["3d_fullres"]))
-    lowres.update(data_identifier="nnUNetPlans_3d_lowres", spacing=[s * 1.5 for s in lowres["spacing"]],
-                  next_stage="3d_cascade_fullres")
-    plans["configurations"]["3d_lowres"] = lowres
-    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans = with_lowres_and_cascade(plans)
     (tmp_path / "plans.json").write_text(json.dumps(plans))
     out = tmp_path / "bundles"
     written = emit(tmp_path / "plans.json", raw, out, ["3d_lowres", "3d_cascade_fullres"], [0, 1, 2, 3, 4])

@@ -13,6 +13,7 @@ from autoplan.emit import emit
 from autoplan.pipeline import run
 from autoplan.synthetic import make_synthetic_dataset
 from autoplan.train import REPORT_FILE
+from conftest import with_lowres_and_cascade
 
 ray = pytest.importorskip("ray")
 
@@ -101,11 +102,7 @@ def test_cascade_starts_after_every_lowres_fold(work, tmp_path):
     the cascade only once both lowres folds have finished."""
     raw, work_dir = work
     plans = json.loads((work_dir / "nnUNetPlans.json").read_text())
-    lowres = json.loads(json.dumps(plans["configurations"]["3d_fullres"]))
-    lowres.update(data_identifier="nnUNetPlans_3d_lowres", spacing=[s * 1.5 for s in lowres["spacing"]],
-                  next_stage="3d_cascade_fullres")
-    plans["configurations"]["3d_lowres"] = lowres
-    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans = with_lowres_and_cascade(plans)
     (tmp_path / "plans.json").write_text(json.dumps(plans))
     cases = sorted(p.name[:-7] for p in (raw / "labelsTr").iterdir())
     (tmp_path / "splits.json").write_text(json.dumps([{"train": cases[2:], "val": cases[:2]},
