@@ -242,8 +242,8 @@ From this folder:
     torchrun --nproc_per_node=2 -m monai.bundle run training --config_file "['configs/train.json','configs/multi_gpu_train.json']"
 
 An interrupted training resumes from `models/resume/checkpoint_latest.pt` when rerun with the same
-`epochs` and data; any other rerun starts a new training from `models/model.pt`. Outputs: `models/model.pt` (final weights,
-used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
+`epochs` and data; any other rerun starts a new training from `models/model.pt`. Outputs: `models/model.pt`
+(final weights, used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
 the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
 `../preprocessed/` (shared by the folds; override `--cache_dir`). `--initial_weights PATH` starts from saved weights
 (another bundle's `model.pt` or an nnU-Net `checkpoint_final.pth` of the same architecture). The loss is
@@ -306,9 +306,9 @@ pydicom highdicom`, the SDK imports the last two without listing them), there ar
    models/model.pt --meta_file configs/metadata.json --config_file configs/inference.json` scripts the network
    (`--use_trace True --input_shape "{shape}"` traces it instead) and stores metadata.json and inference.json in the
    file's `extra/`. Give the operator that file as its model: `bundle_path=Path("model.ts")`, or package it as the
-   app's model (`monai-deploy package APP --models model.ts ...`). The configs still name this bundle's transforms and inferer (`scripts.*`), so the
-   folder `{name}/` (the one holding `scripts/`) goes on the app's `PYTHONPATH`, or `{name}/scripts/` is copied
-   beside the app's `app.py`.
+   app's model (`monai-deploy package APP --models model.ts ...`). The configs still name this bundle's transforms
+   and inferer (`scripts.*`), so the folder `{name}/` (the one holding `scripts/`) goes on the app's `PYTHONPATH`,
+   or `{name}/scripts/` is copied beside the app's `app.py`.
 
 Either way the output is the label map (`uint8`, one channel) in the input's geometry.
 

@@ -113,7 +113,8 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
                            seed: int = 0, structure_size=(0.25, 0.4), separate: bool = False) -> Path:
     """Write a dataset to ``out_dir`` (which must not exist yet). Shape and spacing are given as (x, y, z).
 
-    ``spacing`` defaults to 1 mm on every axis. ``spacing_jitter`` varies each case's spacing by up to that fraction; shapes vary by up to 10 % per case.
+    ``spacing`` defaults to 1 mm on every axis. ``spacing_jitter`` varies each case's spacing by up to that fraction;
+    shapes vary by up to 10 % per case.
     ``structure_size`` and ``separate`` set how hard the task is (see ``make_case``).
     The folder appears complete or not at all.
     """
