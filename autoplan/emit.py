@@ -243,8 +243,8 @@ From this folder:
 
 An interrupted training resumes from `models/resume/checkpoint_latest.pt` when rerun with the same
 `epochs` and data; any other rerun starts a new training from `models/model.pt`. Outputs: `models/model.pt`
-(final weights, used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`, `eval/tensorboard/`, and
-the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
+(final weights, used for inference), `models/model_best.pt` (best EMA pseudo-Dice), `eval/progress.png`,
+`eval/tensorboard/`, and the validation cases' predictions with `summary.json` in `eval/validation/`. Preprocessed data is cached in
 `../preprocessed/` (shared by the folds; override `--cache_dir`). `--initial_weights PATH` starts from saved weights
 (another bundle's `model.pt` or an nnU-Net `checkpoint_final.pth` of the same architecture). The loss is
 `loss_component` wrapped in deep supervision: replace it with any MONAI loss through an extra config file.

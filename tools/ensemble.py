@@ -37,7 +37,8 @@ dataset.json, else the first folder's files.
 ``scripts.ensemble.EnsembleInferer``, ``preprocessing`` = ``LoadImaged`` only, ``postprocessing`` = argmax, optional
 keep-largest-component steps from ``--postprocessing`` (the ``postprocessing.json`` written by
 ``autoplan select``), ``SaveImaged``). Its ``members`` id holds each member's plans and inference settings (in the
-config itself, so nothing is read relative to ``bundle_root``), ``models/model.pt`` the members' weights (keys ``members.<i>.*``), ``scripts/`` the repository's ``bundles/scripts``.
+config itself, so nothing is read relative to ``bundle_root``), ``models/model.pt`` the members' weights (keys
+``members.<i>.*``), ``scripts/`` the repository's ``bundles/scripts``.
 
 Bad input (no bundles, a folder that is not a trained bundle, members with different labels or channels, no common
 npz, a missing reference image) prints ``error: ...`` naming the file and exits with status 2. Outputs are written
@@ -91,7 +92,8 @@ def foreground_labels_of(labels: dict) -> list:
 
 
 def read_member(bundle, averaged: bool = True) -> dict:
-    """A trained single-configuration bundle: its member description (an entry of the ensemble's ``members``) and dataset facts."""
+    """A trained single-configuration bundle: its member description (an entry of the ensemble's ``members``) and
+    dataset facts."""
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise ToolError(f"{bundle}: not a bundle folder")

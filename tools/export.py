@@ -14,8 +14,8 @@ is imported): run only bundles from people you trust. Installing runs nothing of
 bundle folder's name, the top folder inside is called NAME). Entries are ZIP_DEFLATED, in sorted order, with a fixed
 timestamp (1980-01-01) and fixed permissions (0644, 0755 for executables), so the same folder always gives the same
 bytes. Left out: ``__pycache__/`` and ``*.pyc``/``*.pyo``; ``eval/`` (predictions, logs, TensorBoard) unless
-``--include-eval``; ``models/resume/checkpoint_latest.pt`` (the resume state) unless ``--include-checkpoint``. Empty folders
-are kept as folder entries. Symlinks are stored as the files they point to. ``NAME/SHA256SUMS`` lists the SHA-256 of
+``--include-eval``; ``models/resume/checkpoint_latest.pt`` (the resume state) unless ``--include-checkpoint``. Empty
+folders are kept as folder entries. Symlinks are stored as the files they point to. ``NAME/SHA256SUMS`` lists the SHA-256 of
 every file (``sha256sum -c SHA256SUMS`` in the installed folder rechecks it). The zip is written to a temporary name,
 then checked: every CRC, and ``load_bundle_config(zip, "inference.json")`` (plus every other ``configs/*.json``)
 reading the configs straight from the zip; only then is it moved to NAME.zip.

@@ -99,7 +99,7 @@ def with_previous_stage(datalist: list[dict], folders, file_ending: str) -> list
         return datalist
     items = []
     for item in datalist:
-        case = item.get("case") or case_name({"filename_or_obj": channel_files(item["image"])[0]})["subject"]
+        case = case_of(item)
         found = [os.path.join(str(f), case + file_ending) for f in folders
                  if os.path.isfile(os.path.join(str(f), case + file_ending))]
         if not found:
@@ -129,7 +129,8 @@ def datalist_key(datalist: list[dict]) -> str:
 def source_stamp(item: dict) -> list:
     """Name, size and modification time of a case's source files: an edited image or label changes it."""
     files = channel_files(item["image"]) + [str(item[k]) for k in ("label", "prev") if item.get(k)]
-    return [[os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    stats = [(os.path.basename(f), os.stat(f)) for f in files]
+    return [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
 
 
 def case_name(metadict: dict, saver=None) -> dict:

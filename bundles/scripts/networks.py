@@ -351,9 +351,9 @@ def load_checkpoint(path):
 def load_initial_weights(network: nn.Module, path) -> List[str]:
     """Start training from saved weights, like nnU-Net's ``-pretrained_weights``.
 
-    ``path`` holds a plain state dict (another bundle's ``models/model.pt``), a bundle's ``models/resume/checkpoint_latest.pt`` or
-    an nnU-Net ``checkpoint_final.pth`` of the same architecture (renamed for DynUNet where the bundle uses it). Every
-    weight must fit except the segmentation heads. nnU-Net always leaves the heads out; here they load when they fit,
+    ``path`` holds a plain state dict (another bundle's ``models/model.pt``), a bundle's
+    ``models/resume/checkpoint_latest.pt`` or an nnU-Net ``checkpoint_final.pth`` of the same architecture (renamed for
+    DynUNet where the bundle uses it). Every weight must fit except the segmentation heads. nnU-Net always leaves the heads out; here they load when they fit,
     and heads for another label count keep their initialisation, so a model trained on other labels can be
     fine-tuned. Returns the head keys left out. A resumed training replaces these weights with its checkpoint's.
     ``network`` is the plain module (the bundles pass ``network_def``, never a DDP or compiled wrapper).
