@@ -39,7 +39,8 @@ def _guarded(fn, *args, **kwargs):
 
 
 def synthetic(out_dir, cases: int = 8, shape="48,48,32", spacing=None, channels: int = 1, modality: str = "MR",
-              labels: int = 2, test_cases: int = 0, spacing_jitter: float = 0.0, seed: int = 0):
+              labels: int = 2, test_cases: int = 0, spacing_jitter: float = 0.0, seed: int = 0,
+              regions: bool = False, sparse: bool = False):
     """Generate a synthetic labelled dataset in nnU-Net v2 raw layout.
 
     Args:
@@ -53,11 +54,14 @@ def synthetic(out_dir, cases: int = 8, shape="48,48,32", spacing=None, channels:
         test_cases: extra unlabelled cases written to imagesTs.
         spacing_jitter: vary each case's spacing by up to this fraction.
         seed: random seed.
+        regions: declare BraTS-style nested regions (region k = labels k..L) with regions_class_order.
+        sparse: mark every odd axial slice unannotated with -1 (the DIAG fork's sparse labels, "ignore": -1).
     """
     from autoplan.synthetic import make_synthetic_dataset
 
     path = _guarded(make_synthetic_dataset, out_dir, cases=cases, shape=shape, spacing=spacing, channels=channels,
-                    modality=modality, labels=labels, test_cases=test_cases, spacing_jitter=spacing_jitter, seed=seed)
+                    modality=modality, labels=labels, test_cases=test_cases, spacing_jitter=spacing_jitter, seed=seed,
+                    regions=regions, sparse=sparse)
     print(f"wrote {path}")
 
 

@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+SPARSE_MARKER = -1  # the DIAG fork's value for unannotated voxels, declared as "ignore": -1
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".png", ".bmp", ".tif", ".tiff")
 
 
@@ -46,6 +49,18 @@ class Labels:
     foreground_regions: list
     has_regions: bool
     regions_class_order: list[int] | None
+    ignore_in_files: int | None = None
+
+    @property
+    def sparse(self) -> bool:
+        """The DIAG fork's convention: label files mark unannotated voxels with -1 (``"ignore": -1``)."""
+        return self.ignore_in_files == SPARSE_MARKER
+
+    def to_internal(self, seg: np.ndarray) -> np.ndarray:
+        """A label map with the -1 marker replaced by the ignore label nnU-Net uses (max label + 1)."""
+        if not self.sparse:
+            return seg
+        return np.where(seg == SPARSE_MARKER, self.ignore_label, seg).astype(seg.dtype, copy=False)
 
     @property
     def foreground_labels(self) -> list[int]:
@@ -55,8 +70,8 @@ class Labels:
     def allowed_values(self) -> set[int]:
         """Integer values a label map may contain."""
         values = set(self.all_labels)
-        if self.ignore_label is not None:
-            values.add(self.ignore_label)
+        if self.ignore_in_files is not None:
+            values.add(self.ignore_in_files)
         return values
 
     @property
@@ -128,9 +143,11 @@ def parse_labels(labels: dict, regions_class_order=None) -> Labels:
         )
         if not is_background:
             regions.append(tuple(int(i) for i in v) if isinstance(v, (list, tuple)) else int(v))
+    ignore = int(ignore) if ignore is not None else None
     return Labels(
         mapping=dict(labels),
-        ignore_label=int(ignore) if ignore is not None else None,
+        ignore_label=max(all_labels) + 1 if ignore == SPARSE_MARKER else ignore,
+        ignore_in_files=ignore,
         all_labels=sorted(all_labels),
         foreground_regions=regions,
         has_regions=has_regions,
@@ -185,6 +202,8 @@ def _check_labels(labels, regions_class_order, where: str) -> list[str]:
                 problems.append(f"{where}: the 'ignore' label must be a single integer, not a region")
             elif not value or not all(_is_int(i) and i >= 0 for i in value):
                 problems.append(f"{where}: region '{name}' must be a non-empty list of non-negative integers")
+        elif name == "ignore" and value == SPARSE_MARKER:
+            continue
         elif not _is_int(value) or value < 0:
             problems.append(f"{where}: label '{name}' has value {value!r}; labels must be non-negative integers")
         elif name != "ignore":
@@ -199,7 +218,8 @@ def _check_labels(labels, regions_class_order, where: str) -> list[str]:
     if parsed.ignore_label is not None:
         if parsed.ignore_label != max(parsed.all_labels) + 1:
             problems.append(f"{where}: the 'ignore' label must be max(other labels) + 1 = "
-                            f"{max(parsed.all_labels) + 1}, got {parsed.ignore_label}")
+                            f"{max(parsed.all_labels) + 1} (nnU-Net), or -1 (the DIAG fork's sparse labels), "
+                            f"got {parsed.ignore_label}")
         expected.append(parsed.ignore_label)
     if any(b - a != 1 for a, b in zip(expected, expected[1:])) or expected[0] != 0:
         problems.append(f"{where}: labels must be consecutive integers starting at 0, got {expected}")

@@ -66,6 +66,9 @@ def bundle_values(plans: dict, configuration: str, spec: dict, fold, train: list
         "num_classes": labels.num_outputs,
         "foreground_labels": labels.foreground_labels,
         "ignore_label": labels.ignore_label,
+        "regions": [list(r) if isinstance(r, tuple) else [r] for r in labels.foreground_regions]
+        if labels.has_regions else None,
+        "regions_class_order": labels.regions_class_order if labels.has_regions else None,
         "patch_size": patch,
         "initial_patch_size": initial_patch_size(patch, augmentation["rotation"], augmentation["dummy_2d"]),
         "batch_size": int(config["batch_size"]),
@@ -126,8 +129,15 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
     channels = {str(k): v for k, v in spec.get("channel_names", spec.get("modality", {})).items()}
     modalities = [channel_modality(v) for v in channels.values()]
     spatial = [f"{p}*n" for p in values["patch_size"]]
-    out_names = {str(v): k for k, v in spec["labels"].items() if k != "ignore" and not isinstance(v, list)}
-    out_names = dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))
+    if values.get("regions"):  # one output channel per region; the label map holds regions_class_order's values
+        region_names = [k for k, v in spec["labels"].items() if k != "ignore" and v not in (0, [0])]
+        channel_names = {str(i): f"{k} {tuple(r)}" for i, (k, r) in enumerate(zip(region_names, values["regions"]))}
+        out_names = {"0": "background"} | {str(v): k for v, k in zip(values["regions_class_order"], region_names)}
+        max_value = max(values["regions_class_order"])
+    else:
+        out_names = {str(v): k for k, v in spec["labels"].items() if k != "ignore" and not isinstance(v, list)}
+        out_names = dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))
+        channel_names, max_value = out_names, max(values["foreground_labels"])
     required = {p: _installed(p) for p in ("nibabel", "pytorch-ignite", "scipy", "SimpleITK", "matplotlib",
                                            "tensorboard")}
     optional = {p: _installed(p) for p in ("mlflow", "onnxruntime")}
@@ -170,10 +180,10 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
             "outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": values["num_classes"],
                 "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
-                "channel_def": out_names}},
+                "channel_def": channel_names}},
             "post_processed_outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": ["*"] * image_dims,
-                "dtype": "uint8", "value_range": [0, max(values["foreground_labels"])], "is_patch_data": False,
+                "dtype": "uint8", "value_range": [0, max_value], "is_patch_data": False,
                 "channel_def": out_names}},
         },
     }
@@ -400,8 +410,6 @@ def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), s
     dataset = load_dataset(raw_dir)
     if dataset.problems:
         raise DatasetError(dataset.problems, dataset.warnings)
-    if dataset.labels.has_regions:
-        raise DatasetError([f"{dataset.json_path}: region-based labels are not supported by the bundles yet"])
     case_ids = [c.identifier for c in dataset.cases]
     available = list(plans["configurations"])
     configurations = list(configurations or available)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autoplan.dataset import Case, DatasetError, Labels, load_dataset
+from autoplan.dataset import SPARSE_MARKER, Case, DatasetError, Labels, load_dataset
 from autoplan.image_io import Geometry, ImageReadError, count_nonfinite, read_array, read_images
 from autoplan.parallel import map_cases
 
@@ -61,9 +61,14 @@ def _label_value_problems(path: Path, seg: np.ndarray, labels: Labels) -> tuple[
     if values.dtype.kind == "f" and np.any(values != np.round(values)):
         return [f"{path}: label map contains non-integer values {values[values != np.round(values)][:5].tolist()}"], []
     unexpected = sorted(set(int(v) for v in values) - labels.allowed_values)
+    if SPARSE_MARKER in unexpected:
+        return [f"{path}: label value -1 (unannotated voxels) but dataset.json declares no ignore label; "
+                "add \"ignore\": -1 to its \"labels\""], []
     if unexpected:
         return [f"{path}: label values {unexpected} are not declared in dataset.json "
                 f"(declared: {sorted(labels.allowed_values)})"], []
+    if labels.ignore_in_files is not None and np.all(values == labels.ignore_in_files):
+        return [], [f"{path}: every voxel is marked unannotated ({labels.ignore_in_files}); training refuses this case"]
     if not np.any(np.isin(values, labels.foreground_labels)):
         return [], [f"{path}: label map has no foreground"]
     return [], []
@@ -101,7 +106,7 @@ def read_checked_case(case: Case, labels: Labels) -> CheckedCase:
             p, w = _label_value_problems(case.label, seg, labels)
             problems += p
             warnings += w
-            seg = seg[None]
+            seg = labels.to_internal(seg)[None]
     if problems:
         return CheckedCase(None, None, None, problems, warnings)
     return CheckedCase(data, seg, geometries[0], problems, warnings)

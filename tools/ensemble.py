@@ -132,6 +132,7 @@ def read_member(bundle, averaged: bool = True) -> dict:
         "num_classes": int(_literal(inference, "num_classes", inference_path)),
         "foreground_labels": list(_literal(inference, "foreground_labels", inference_path,
                                            foreground_labels_of(labels))),
+        "regions_class_order": _literal(inference, "regions_class_order", inference_path, None),
         "inferer": inferer,
         "plans": plans,
     }
@@ -247,6 +248,7 @@ def ensemble_config(infos: list, postprocessing: dict | None = None) -> dict:
         "num_channels": first["num_channels"],
         "num_classes": first["member"]["num_classes"],
         "foreground_labels": first["member"]["foreground_labels"],
+        "regions_class_order": first["member"]["regions_class_order"],
         "keep_largest_foreground": bool((postprocessing or {}).get("keep_largest_foreground", False)),
         "keep_largest_labels": list((postprocessing or {}).get("keep_largest_labels", [])),
         "members": [info["member"] for info in infos],

@@ -145,8 +145,12 @@ def case_name(metadict: dict, saver=None) -> dict:
     return {"subject": re.sub(r"_\d{4}$", "", name), "idx": None}
 
 
-def load_case(image_files, label_file=None):
-    """Read a case with MONAI's loader into nnU-Net order: (data (C,z,y,x), seg (1,z,y,x) or None, spacing)."""
+def load_case(image_files, label_file=None, ignore_label: int | None = None):
+    """Read a case with MONAI's loader into nnU-Net order: (data (C,z,y,x), seg (1,z,y,x) or None, spacing).
+
+    A label file may mark unannotated voxels with -1 (the DIAG fork's sparse labels, declared as ``"ignore": -1``);
+    they become ``ignore_label`` (max label + 1), the value nnU-Net's ignore label has everywhere else.
+    """
     loader = LoadImage(image_only=True, ensure_channel_first=True)
     channels = [loader(f) for f in image_files]
     spacing_xyz = spacing_from_meta(channels[0])
@@ -155,6 +159,12 @@ def load_case(image_files, label_file=None):
     if label_file is not None:
         seg, _ = to_nnunet_order(np.asarray(loader(label_file)), spacing_xyz)
         seg = np.rint(seg).astype(np.int16)
+        unannotated = seg < 0
+        if unannotated.any():
+            if ignore_label is None:
+                raise ValueError(f"{label_file}: label value -1 (unannotated voxels) but dataset.json declares no "
+                                 "ignore label; add \"ignore\": -1 to its \"labels\"")
+            seg[unannotated] = ignore_label
     return data.astype(np.float32), seg, spacing
 
 
@@ -238,7 +248,10 @@ def _preprocess_job(job):
     item, plan, foreground_labels, ignore_label, folder = job
     folder = Path(folder)
     sources = source_stamp(item)  # taken before reading, so that a file edited meanwhile is read again next time
-    data, seg, spacing = load_case(channel_files(item["image"]), item.get("label"))
+    data, seg, spacing = load_case(channel_files(item["image"]), item.get("label"), ignore_label)
+    if ignore_label is not None and seg is not None and not np.any(seg != ignore_label):
+        raise ValueError(f"{item['label']}: case {item['case']} has no annotated voxel (all of it is the ignore "
+                         "label); annotate part of it or leave it out of training")
     data, seg, props = preprocess_case(data, spacing, plan, seg)
     seg = seg.astype(np.int8 if seg.max() <= 127 else np.int16)
     if "prev" in item:
@@ -321,11 +334,17 @@ class PatchDataset(torch.utils.data.Dataset):
     Sample ``i`` is forced onto a random foreground class when ``i % batch_size >= round(batch_size * 0.67)``, so
     with ``shuffle=False`` exactly nnU-Net's share of every batch is foreground-centred. 2-D configurations cut a
     random slice (or the slice of the chosen foreground voxel) and drop the slice axis.
+
+    With an ignore label (sparse annotation) the other samples are centred on a random annotated voxel, as nnU-Net
+    and the DIAG fork's ``nnUNetTrainerV2Sparse`` do; ``sparse_sampling=False`` draws them anywhere instead (the
+    fork's ``nnUNetTrainerV2SparseNormalSampling``). ``foreground_labels`` may hold regions (lists of labels): a
+    forced sample then picks a region, as nnU-Net does for region-based training.
     """
 
     def __init__(self, data: list[dict], plans: dict, configuration: str, cache_root, foreground_labels: list,
                  patch_size, final_patch_size, batch_size: int, length: int, oversample_foreground: float = 0.33,
-                 transform=None, two_d: bool = False, ignore_label: int | None = None, num_workers: int = 0):
+                 transform=None, two_d: bool = False, ignore_label: int | None = None, num_workers: int = 0,
+                 sparse_sampling: bool = True):
         data = [dict(item, case=case_of(item)) for item in data]
         self.cache_dir = _preprocess_once(data, plans, configuration, cache_root, foreground_labels, ignore_label,
                                           num_workers)
@@ -338,6 +357,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.two_d = two_d
         self.ignore_label = ignore_label
+        self.sparse_sampling = sparse_sampling
         self._rng = None
         self._seed = None
 
@@ -400,7 +420,7 @@ class PatchDataset(torch.utils.data.Dataset):
         forced = index % self.batch_size >= self.first_forced
         if forced:
             voxel = self._pick_voxel(locations)
-        elif self.ignore_label is not None:  # sparse annotation: centre ordinary samples on annotated voxels
+        elif self.ignore_label is not None and self.sparse_sampling:  # centre ordinary samples on annotated voxels
             voxel = self._pick_voxel(locations, "annotated")
         else:
             voxel = None

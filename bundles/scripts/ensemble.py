@@ -10,8 +10,9 @@ with its sliding window and mirroring TTA, and the **logits are averaged** (nnU-
 logits are restored to the original geometry and turned into softmax probabilities. The groups' **probabilities are
 then averaged** (nnU-Net's ensembling of configurations, ``nnUNetv2_ensemble``). ``fold_averaging="probabilities"``
 instead restores every member separately and averages all members' probabilities with equal weight. The output is
-(B, C, *spatial) probabilities on the input's grid with the input's meta data, so ``AsDiscreted(argmax=True)`` and
-``SaveImaged`` (or MONAI Label's ``Restored``) finish the job without any inverse transform.
+(B, C, *spatial) probabilities on the input's grid with the input's meta data, so ``ProbabilitiesToLabelsd`` (argmax,
+or region painting for region-based members) and ``SaveImaged`` (or MONAI Label's ``Restored``) finish the job
+without any inverse transform. Region-based members' probabilities are their regions' sigmoids.
 
 Cascade members (``3d_cascade_fullres``) receive the label map of their previous stage (``3d_lowres``), predicted by
 the previous stage's members of the same ensemble (members with ``"averaged": false`` only serve that purpose).
@@ -41,8 +42,8 @@ from torch import nn
 
 from .inference import NnUNetInferer
 from .networks import network_from_plan, single_tensor
-from .preprocessing import (PlanSettings, from_nnunet_order, logits_to_original, preprocess_case,
-                            resolve_configuration, spacing_from_meta, to_nnunet_order)
+from .preprocessing import (PlanSettings, from_nnunet_order, labels_from_probabilities, logits_to_original,
+                            preprocess_case, resolve_configuration, spacing_from_meta, to_nnunet_order)
 
 FOLD_AVERAGING = ("logits", "probabilities")
 
@@ -176,8 +177,10 @@ class EnsembleInferer(Inferer):
             plan = self.plans[indices[0]]
             data, _, props = preprocess_case(nn_array, spacing, plan)
             if self.previous[g] is not None:
+                previous = self.members[self.groups[self.previous[g]][1][0]]
                 data = np.concatenate([data, self._previous_channels(probabilities[self.previous[g]], props,
-                                                                     self.members[indices[0]], plan)])
+                                                                     self.members[indices[0]], plan,
+                                                                     previous.get("regions_class_order"))])
             logits = []
             for i in indices:
                 device = self._member_device(members[i])
@@ -185,7 +188,8 @@ class EnsembleInferer(Inferer):
                 logits.append(self.inferers[i](x, members[i])[0].detach().float().cpu().numpy())
             if self.fold_averaging == "logits":
                 logits = [np.mean(logits, axis=0)] if len(logits) > 1 else logits
-            probabilities[g] = [logits_to_original(lg, props, plan, return_probabilities=True)[1] for lg in logits]
+            regions = self.members[indices[0]].get("regions_class_order")
+            probabilities[g] = [logits_to_original(lg, props, plan, True, regions)[1] for lg in logits]
         averaged = [p for g, (_, indices) in enumerate(self.groups)
                     if any(self.members[i].get("averaged", True) for i in indices) for p in probabilities[g]]
         if not averaged:
@@ -194,12 +198,13 @@ class EnsembleInferer(Inferer):
         return from_nnunet_order(mean.astype(np.float32, copy=False), spatial_dims)
 
     @staticmethod
-    def _previous_channels(previous_probabilities: list, props: dict, member: dict, plan: PlanSettings):
+    def _previous_channels(previous_probabilities: list, props: dict, member: dict, plan: PlanSettings,
+                           regions_class_order=None):
         """The previous stage's label map on this case's preprocessed grid, as one-hot foreground channels."""
         from .preprocessing import one_hot, preprocess_previous_stage
 
         mean = previous_probabilities[0] if len(previous_probabilities) == 1 else np.mean(previous_probabilities, 0)
-        labels = np.argmax(mean, 0)[None].astype(np.int16)
+        labels = labels_from_probabilities(mean, regions_class_order)[None].astype(np.int16)
         previous = preprocess_previous_stage(labels, props, plan)
         return one_hot(previous, member["foreground_labels"]).astype(np.float32)
 
@@ -249,14 +254,30 @@ def probabilities_to_labels(probabilities: np.ndarray, labels: dict | None = Non
                             regions_class_order=None) -> np.ndarray:
     """Argmax (labels) or nnU-Net's region painting (sigmoid > 0.5 in ``regions_class_order``) to a label map."""
     is_region = labels is not None and any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
-    if is_region:
-        if not regions_class_order:
-            raise ValueError("region-based labels need regions_class_order")
-        seg = np.zeros(probabilities.shape[1:], np.uint8 if max(regions_class_order) < 255 else np.uint16)
-        for channel, value in enumerate(regions_class_order):
-            seg[probabilities[channel] > 0.5] = value
-        return seg
-    return np.argmax(probabilities, 0).astype(np.uint8 if probabilities.shape[0] < 255 else np.uint16)
+    if is_region and not regions_class_order:
+        raise ValueError("region-based labels need regions_class_order")
+    return labels_from_probabilities(probabilities, regions_class_order if is_region else None)
+
+
+class ProbabilitiesToLabelsd(MapTransform):
+    """(B or C, ...) probabilities in ``keys`` -> a (1, ...) label map per item: argmax, or for region-based
+    ensembles nnU-Net's painting of each region's probability > 0.5 in ``regions_class_order``."""
+
+    def __init__(self, keys: KeysCollection, regions_class_order=None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.regions_class_order = list(regions_class_order) if regions_class_order else None
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            array = value.detach().float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            seg = labels_from_probabilities(array, self.regions_class_order)[None].astype(np.float32)
+            if isinstance(value, MetaTensor):
+                d[key] = MetaTensor(torch.from_numpy(seg), meta=dict(value.meta))
+            else:
+                d[key] = torch.from_numpy(seg) if isinstance(value, torch.Tensor) else seg
+        return d
 
 
 def write_label_map(seg: np.ndarray, reference_file, output_file) -> Path:

@@ -121,7 +121,9 @@ def predict_validation(bundle_root, datalist: list, output_dir, device=None, sav
 def record_eval_metrics(metadata_file, summary: dict, labels: dict) -> dict:
     """Writes ``eval_metrics`` into metadata.json from a validation ``summary.json`` (the Dice of the weights the
     bundle ships, which the model zoo asks for), atomically; returns the metrics."""
-    names = {str(v): k for k, v in labels.items() if not isinstance(v, list)}
+    from .evaluation import key_to_str
+
+    names = {key_to_str(v): k for k, v in labels.items() if k != "ignore"}
     metrics = {"mean_dice": summary["foreground_mean"]["Dice"], "validation_cases": len(summary["metric_per_case"])}
     metrics.update({f"dice_{names.get(label, label)}": values["Dice"] for label, values in summary["mean"].items()})
     meta = json.loads(Path(metadata_file).read_text())

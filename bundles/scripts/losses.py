@@ -1,10 +1,14 @@
-"""Training losses: nnU-Net's Dice + cross-entropy (spec 5.2) and a deep-supervision wrapper for any loss.
+"""Training losses: nnU-Net's Dice + cross-entropy and its region loss (spec 5.2), the DIAG fork's class weights,
+and a deep-supervision wrapper for any loss.
 
 MONAI's ``DiceCELoss`` has no ignore index, so nnU-Net's loss is assembled from MONAI's ``DiceLoss``
-(``MaskedDiceLoss`` with an ignore label) and torch's cross-entropy (which has ``ignore_index``). The wrapper takes
-the per-output loss from the config (``loss_component`` in ``train.json``), so MONAI's ``DiceCELoss`` or a weighted
-or region loss can replace nnU-Net's without touching code. Deep supervision uses MONAI's ``DeepSupervisionLoss``,
-which resizes the target to each output (nearest-exact), after the network's output is split into a list.
+(``MaskedDiceLoss`` with an ignore label) and torch's cross-entropy (which has ``ignore_index``). Every loss here takes
+the label map as its target; region-based training builds the regions' binary masks from it inside the loss, which
+gives the same targets as nnU-Net's conversion in the data pipeline (nearest-exact downsampling for deep supervision
+commutes with a voxel-wise conversion). The wrapper takes the per-output loss from the config (``loss_component`` in
+``train.json``), so MONAI's ``DiceCELoss`` or another loss can replace nnU-Net's without touching code. Deep
+supervision uses MONAI's ``DeepSupervisionLoss``, which resizes the target to each output (nearest-exact), after the
+network's output is split into a list.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
     return [w / total for w in weights]
 
 
+def nnunet_loss(batch_dice: bool = False, ignore_label: int | None = None, regions=None, class_weights=None):
+    """nnU-Net's loss for the dataset's kind of labels: Dice + BCE on sigmoid outputs when ``regions`` (a list of
+    label lists, one per output channel) is given, else Dice + CE on softmax outputs, class-weighted on request."""
+    if regions:
+        if class_weights:
+            raise ValueError("class_weights apply to label-based datasets; region-based training has no classes")
+        return NnUNetRegionDiceBCE(regions, batch_dice, ignore_label)
+    return NnUNetDiceCE(batch_dice, ignore_label, class_weights)
+
+
 class NnUNetDiceCE(nn.Module):
     """nnU-Net's loss on one output: cross-entropy minus soft Dice (softmax, background excluded, smooth 1e-5), both
     weighted 1.0, on a label-map target. nnU-Net's Dice term is -Dice (MONAI's is 1 - Dice): the offset changes no
@@ -33,25 +47,79 @@ class NnUNetDiceCE(nn.Module):
 
     With ``ignore_label`` the ignored voxels are masked out of both terms, and cross-entropy is skipped when a batch
     has no annotated voxel.
+
+    ``class_weights`` (one per output class, background first) is the DIAG fork's weighted Dice + CE: the
+    cross-entropy is torch's weighted mean (each voxel weighted by its true class's weight, divided by the sum of
+    those weights), and the Dice term is the weighted mean of the foreground classes' Dice
+    (sum of w_c * Dice_c over sum of w_c; the background weight acts on the cross-entropy only).
     """
 
-    def __init__(self, batch_dice: bool = False, ignore_label: int | None = None):
+    def __init__(self, batch_dice: bool = False, ignore_label: int | None = None, class_weights=None):
         super().__init__()
         self.ignore_label = ignore_label
-        kwargs = dict(include_background=False, softmax=True, batch=batch_dice, smooth_nr=1e-5, smooth_dr=1e-5)
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        if weights is not None and (weights.ndim != 1 or (weights < 0).any() or weights[1:].sum() <= 0):
+            raise ValueError(f"class_weights must be non-negative, one per class, not all zero: {class_weights}")
+        self.register_buffer("class_weights", weights)
+        reduction = "mean" if weights is None else "none"
+        kwargs = dict(include_background=False, softmax=True, batch=batch_dice, smooth_nr=1e-5, smooth_dr=1e-5,
+                      reduction=reduction)
         self.dice = DiceLoss(**kwargs) if ignore_label is None else MaskedDiceLoss(**kwargs)
+
+    def _dice_term(self, logits, onehot, mask=None) -> torch.Tensor:
+        dice = self.dice(logits, onehot) if mask is None else self.dice(logits, onehot, mask)
+        if self.class_weights is not None:
+            if len(self.class_weights) != logits.shape[1]:
+                raise ValueError(f"class_weights has {len(self.class_weights)} entries for {logits.shape[1]} classes")
+            foreground = self.class_weights[1:].to(dice)
+            per_class = dice.reshape(-1, logits.shape[1] - 1)  # (samples or 1, foreground classes)
+            dice = (per_class * foreground).sum(1).mean() / foreground.sum()
+        return dice - 1.0
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.long()
+        weight = None if self.class_weights is None else self.class_weights.to(logits)
         if self.ignore_label is None:
             onehot = torch.zeros_like(logits).scatter_(1, target, 1.0)
-            return self.dice(logits, onehot) - 1.0 + F.cross_entropy(logits, target[:, 0])
+            return self._dice_term(logits, onehot) + F.cross_entropy(logits, target[:, 0], weight=weight)
         mask = target != self.ignore_label
         onehot = torch.zeros_like(logits).scatter_(1, torch.where(mask, target, torch.zeros_like(target)), 1.0)
-        dice = self.dice(logits, onehot, mask.to(logits.dtype)) - 1.0
+        dice = self._dice_term(logits, onehot, mask.to(logits.dtype))
         if not mask.any():
             return dice
-        return dice + F.cross_entropy(logits, target[:, 0], ignore_index=self.ignore_label)
+        return dice + F.cross_entropy(logits, target[:, 0], weight=weight, ignore_index=self.ignore_label)
+
+
+def region_masks(label_map: torch.Tensor, regions) -> torch.Tensor:
+    """(B, 1, ...) label map -> (B, R, ...) float masks, channel r = voxels whose label is in ``regions[r]``."""
+    label_map = label_map[:, 0].round().long()
+    masks = [torch.isin(label_map, torch.as_tensor(list(region), device=label_map.device)) for region in regions]
+    return torch.stack(masks, 1).float()
+
+
+class NnUNetRegionDiceBCE(nn.Module):
+    """nnU-Net's region loss on one output: BCE-with-logits minus soft Dice on the sigmoid (every region, smooth
+    1e-5), both weighted 1.0; the target is the label map, turned into one binary mask per region.
+
+    With ``ignore_label`` the ignored voxels are masked out of the Dice, and the BCE is summed over the regions and
+    the annotated voxels, then divided by the number of annotated voxels, as nnU-Net's ``DC_and_BCE_loss`` does.
+    """
+
+    def __init__(self, regions, batch_dice: bool = False, ignore_label: int | None = None):
+        super().__init__()
+        self.regions = [[int(v) for v in (r if isinstance(r, (list, tuple)) else [r])] for r in regions]
+        self.ignore_label = ignore_label
+        kwargs = dict(include_background=True, sigmoid=True, batch=batch_dice, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.dice = DiceLoss(**kwargs) if ignore_label is None else MaskedDiceLoss(**kwargs)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        masks = region_masks(target, self.regions).to(logits.dtype)
+        if self.ignore_label is None:
+            return self.dice(logits, masks) - 1.0 + F.binary_cross_entropy_with_logits(logits, masks)
+        annotated = (target.round() != self.ignore_label).to(logits.dtype)
+        dice = self.dice(logits, masks, annotated) - 1.0
+        bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none") * annotated
+        return dice + bce.sum() / torch.clamp(annotated.sum(), min=1e-8)
 
 
 class DeepSupervisedLoss(nn.Module):

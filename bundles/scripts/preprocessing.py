@@ -181,15 +181,37 @@ def one_hot(seg: np.ndarray, labels) -> np.ndarray:
 
 
 # --- inverse ---------------------------------------------------------------------------------------------------
+def paint_regions(probabilities: np.ndarray, regions_class_order) -> np.ndarray:
+    """nnU-Net's label map from region outputs: each region's probability > 0.5 painted with its
+    ``regions_class_order`` value, in that order (a later region overwrites an earlier one)."""
+    seg = np.zeros(probabilities.shape[1:], np.uint8 if max(regions_class_order) < 255 else np.uint16)
+    for channel, value in enumerate(regions_class_order):
+        seg[probabilities[channel] > 0.5] = value
+    return seg
+
+
+def labels_from_probabilities(probabilities: np.ndarray, regions_class_order=None) -> np.ndarray:
+    """Label map of (C, ...) probabilities: argmax, or nnU-Net's region painting when ``regions_class_order``."""
+    if regions_class_order:
+        return paint_regions(probabilities, regions_class_order)
+    return np.argmax(probabilities, 0).astype(np.uint8 if probabilities.shape[0] < 255 else np.uint16)
+
+
 def logits_to_original(logits: np.ndarray, properties: dict, plan: PlanSettings,
-                       return_probabilities: bool = False):
-    """Resample logits back, argmax, uncrop and transpose back (spec 6 step 6). Label map in nnU-Net order."""
+                       return_probabilities: bool = False, regions_class_order=None):
+    """Resample logits back, argmax (or, with ``regions_class_order``, region painting of the sigmoid), uncrop and
+    transpose back (spec 6 step 6). Label map in nnU-Net order; probabilities are softmax or per-region sigmoid."""
     spacing_t = properties["spacing_transposed"]
     shape_cropped = properties["shape_after_cropping_and_before_resampling"]
     current = target_spacing(plan, spacing_t)
     logits = resample_data_or_seg_to_shape(logits.astype(np.float32, copy=False), shape_cropped, current, spacing_t,
                                            **plan.probabilities_kwargs)
-    labels = np.argmax(logits, 0).astype(np.uint8 if logits.shape[0] < 255 else np.uint16)
+    if regions_class_order:
+        probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy()
+        labels = paint_regions(probabilities, regions_class_order)
+    else:
+        probabilities = None
+        labels = np.argmax(logits, 0).astype(np.uint8 if logits.shape[0] < 255 else np.uint16)
     window = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     full = np.zeros(properties["shape_before_cropping"], labels.dtype)
     full[window] = labels
@@ -197,9 +219,11 @@ def logits_to_original(logits: np.ndarray, properties: dict, plan: PlanSettings,
     full = full.transpose(backward)
     if not return_probabilities:
         return full, None
-    probabilities = torch.softmax(torch.from_numpy(logits), 0).numpy()
+    if probabilities is None:
+        probabilities = torch.softmax(torch.from_numpy(logits), 0).numpy()
     full_probabilities = np.zeros([logits.shape[0]] + properties["shape_before_cropping"], np.float32)
-    full_probabilities[0] = 1.0
+    if not regions_class_order:  # outside the crop: background for labels, no region
+        full_probabilities[0] = 1.0
     full_probabilities[(slice(None),) + window] = probabilities
     return full, full_probabilities.transpose([0] + [a + 1 for a in backward])
 
@@ -266,14 +290,17 @@ class NnUNetRestored(MapTransform):
     """Turns network logits (C, z', y', x') into a uint8 label map with the original image's shape and geometry.
 
     With ``probabilities_key`` the softmax probabilities in nnU-Net's (C, z, y, x) layout are stored there too.
+    Region-based bundles pass ``regions_class_order``: one sigmoid output per region, painted into the label map in
+    that order, as nnU-Net exports regions; their probabilities are the regions' sigmoids.
     """
 
     def __init__(self, keys: KeysCollection, plans: dict, configuration: str, image_key: str = "image",
-                 probabilities_key: str | None = None, allow_missing_keys: bool = False):
+                 probabilities_key: str | None = None, allow_missing_keys: bool = False, regions_class_order=None):
         super().__init__(keys, allow_missing_keys)
         self.plan = PlanSettings.from_plans(plans, configuration)
         self.image_key = image_key
         self.probabilities_key = probabilities_key
+        self.regions_class_order = list(regions_class_order) if regions_class_order else None
 
     def __call__(self, data):
         d = dict(data)
@@ -284,7 +311,8 @@ class NnUNetRestored(MapTransform):
         for key in self.key_iterator(d):
             logits = d[key]
             logits = logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else logits
-            labels, probabilities = logits_to_original(logits, props, self.plan, self.probabilities_key is not None)
+            labels, probabilities = logits_to_original(logits, props, self.plan, self.probabilities_key is not None,
+                                                       self.regions_class_order)
             labels = from_nnunet_order(labels[None], props["spatial_dims"])
             d[key] = MetaTensor(torch.from_numpy(labels), meta=meta) if meta else torch.from_numpy(labels)
             if probabilities is not None:
