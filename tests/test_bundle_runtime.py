@@ -99,9 +99,11 @@ def test_augmentation_settings_follow_the_patch():
     assert augmentation_settings([512, 128])["rotation"] == pytest.approx(15 / 180 * np.pi)
 
 
-def patch_dataset(root, seg, batch_size, oversample=0.33, ignore_label=None, length=300):
+def patch_dataset(root, seg, batch_size, oversample=0.33, ignore_label=None, length=300, sparse_sampling=True,
+                  diag=False):
     """A PatchDataset built by its constructor over one 1 mm CT case with label map ``seg``: raw files, fingerprint,
-    plans and the preprocessing cache are all made for real; patches are 8^3."""
+    plans and the preprocessing cache are all made for real; patches are 8^3. With ``diag`` the label file marks
+    ``ignore_label``'s voxels with -1 and dataset.json declares ``"ignore": -1`` (the DIAG fork's sparse labels)."""
     import SimpleITK as sitk
 
     from autoplan.fingerprint import extract_fingerprint
@@ -112,14 +114,16 @@ def patch_dataset(root, seg, batch_size, oversample=0.33, ignore_label=None, len
         (raw / folder).mkdir(parents=True)
     sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).normal(100, 10, seg.shape[1:]).astype(np.float32)),
                     str(raw / "imagesTr" / "a_0000.nii.gz"))
-    sitk.WriteImage(sitk.GetImageFromArray(seg[0].astype(np.uint8)), str(raw / "labelsTr" / "a.nii.gz"))
-    labels = {"background": 0, "fg": 1, **({"ignore": ignore_label} if ignore_label is not None else {})}
+    on_disk = np.where(seg[0] == ignore_label, -1, seg[0]).astype(np.int16) if diag else seg[0].astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(on_disk), str(raw / "labelsTr" / "a.nii.gz"))
+    declared = -1 if diag else ignore_label
+    labels = {"background": 0, "fg": 1, **({"ignore": declared} if ignore_label is not None else {})}
     dataset_json = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}
     (raw / "dataset.json").write_text(json.dumps(dataset_json))
     plans = make_plans(dataset_json, extract_fingerprint(raw, processes=1)[0])
     data = [{"image": [str(raw / "imagesTr" / "a_0000.nii.gz")], "label": str(raw / "labelsTr" / "a.nii.gz")}]
     return PatchDataset(data, plans, "3d_fullres", root / "cache", [1], [8, 8, 8], [8, 8, 8], batch_size, length,
-                        oversample, ignore_label=ignore_label)
+                        oversample, ignore_label=ignore_label, sparse_sampling=sparse_sampling)
 
 
 @pytest.mark.parametrize("batch_size, forced_positions", [(2, {1}), (9, {6, 7, 8}), (4, {1, 2, 3})])
@@ -137,13 +141,27 @@ def test_patch_dataset_forces_foreground_for_nnunets_share_of_each_batch(tmp_pat
     assert sample["image"].shape == (1, 8, 8, 8) and sample["label"].dtype == torch.float32 and sample["case"] == "a"
 
 
-def test_sparse_annotation_centres_samples_on_annotated_voxels(tmp_path):
+@pytest.mark.parametrize("diag", [False, True])
+def test_sparse_annotation_centres_samples_on_annotated_voxels(tmp_path, diag):
+    """By default (nnU-Net, the DIAG fork's nnUNetTrainerV2Sparse) every ordinary sample holds annotated voxels;
+    ``sparse_sampling=False`` (nnUNetTrainerV2SparseNormalSampling) draws them anywhere, so most miss the two small
+    annotated blocks. A -1 in the label file (``diag``) arrives as the ignore label (max + 1 = 2)."""
     seg = np.full((1, 40, 40, 40), 2, np.int8)  # 2 = ignore: almost nothing is annotated
     seg[0, 5:9, 5:9, 5:9] = 0
     seg[0, 30:32, 30:32, 30:32] = 1
-    ds = patch_dataset(tmp_path, seg, 3, ignore_label=2, length=120)
-    for i in range(0, 120, 3):  # ordinary (not forced) samples
-        assert (ds[i]["label"] != 2).any()
+    ds = patch_dataset(tmp_path / "sparse", seg, 3, ignore_label=2, length=120, diag=diag)
+    ordinary = range(0, 120, 3)  # sample 0 of each batch of 3 is not forced
+    assert all((ds[i]["label"] != 2).any() for i in ordinary)
+    assert set(np.unique(ds[2]["label"].numpy())) <= {-1.0, 0.0, 1.0, 2.0} and (ds[2]["label"] == 1).any()
+    normal = patch_dataset(tmp_path / "normal", seg, 3, ignore_label=2, length=120, sparse_sampling=False, diag=diag)
+    annotated = np.mean([bool(((normal[i]["label"] == 0) | (normal[i]["label"] == 1)).any()) for i in ordinary])
+    assert annotated < 0.5
+
+
+def test_a_case_without_annotated_voxels_is_refused_at_training_start(tmp_path):
+    seg = np.full((1, 12, 12, 12), 2, np.int8)  # every voxel -1 in the file
+    with pytest.raises(ValueError, match=r"a\.nii\.gz: case a has no annotated voxel"):
+        patch_dataset(tmp_path, seg, 2, ignore_label=2, diag=True)
 
 
 @pytest.mark.parametrize("global_batch, world_size", [(9, 2), (2, 2), (9, 3), (12, 5), (7, 4), (3, 1)])
