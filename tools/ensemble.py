@@ -216,9 +216,13 @@ def read_postprocessing(path, foreground: list) -> dict:
     labels = data.get("keep_largest_labels", [])
     if not isinstance(keep_fg, bool):
         raise ToolError(f"{path}: keep_largest_foreground must be true or false, got {keep_fg!r}")
-    if not isinstance(labels, list) or any(not isinstance(v, int) or isinstance(v, bool) or v not in foreground
+    def is_label(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v in foreground
+
+    if not isinstance(labels, list) or any(not (is_label(v) or (isinstance(v, list) and v and all(map(is_label, v))))
                                            for v in labels):
-        raise ToolError(f"{path}: keep_largest_labels must be a list of foreground labels {foreground}, got {labels!r}")
+        raise ToolError(f"{path}: keep_largest_labels must be a list of foreground labels {foreground} (or, for "
+                        f"regions, of lists of them), got {labels!r}")
     return {"keep_largest_foreground": keep_fg, "keep_largest_labels": labels}
 
 

@@ -282,14 +282,12 @@ def _dice_table(summary: dict) -> dict:
 def determine_postprocessing(folder: Path, summary: dict, labels_dir: Path, spec: dict, work: Path,
                              processes: int) -> dict:
     """Spec 7.3 on ``folder`` (already evaluated as ``summary``); intermediate folders go to ``work``."""
-    from bundles.scripts.evaluation import labels_or_regions
+    from bundles.scripts.evaluation import key_to_str, labels_or_regions
     from bundles.scripts.postprocessing import accept_all_foreground, accept_label
 
     ending = spec.get("file_ending", ".nii.gz")
-    keys = labels_or_regions(spec["labels"])
-    if any(isinstance(k, tuple) for k in keys):
-        raise ToolError("region-based labels are not supported by the bundles' postprocessing")
-    foreground = [int(k) for k in keys]
+    keys = labels_or_regions(spec["labels"])  # labels, or regions (tuples) for region-based datasets
+    foreground = sorted({int(v) for k in keys for v in (k if isinstance(k, tuple) else [k])})
     steps = []
     current_folder, current = folder, summary
     trial = work / "keep_largest_foreground"
@@ -303,17 +301,20 @@ def determine_postprocessing(folder: Path, summary: dict, labels_dir: Path, spec
     if accepted:
         current_folder, current = trial, processed
     keep_labels = []
-    if len(foreground) > 1:
-        for label in foreground:
-            trial = work / f"keep_largest_label_{label}"
-            postprocess_folder(current_folder, trial, [label], ending)
+    if len(keys) > 1:  # each label, or each region (the union of its labels), on its own
+        for label in keys:
+            members = list(label) if isinstance(label, tuple) else [label]
+            trial = work / f"keep_largest_label_{'-'.join(map(str, members))}"
+            postprocess_folder(current_folder, trial, members, ending)
             processed = evaluate(trial, labels_dir, spec, processes)
             accepted = accept_label(current, processed, label)
-            steps.append({"step": f"keep_largest_label_{label}", "labels": [label], "accepted": accepted,
-                          "rule": f"mean Dice of label {label} strictly increases",
+            name = key_to_str(label)
+            steps.append({"step": f"keep_largest_label_{name}", "labels": members, "accepted": accepted,
+                          "rule": f"mean Dice of {'region' if isinstance(label, tuple) else 'label'} {name} "
+                                  "strictly increases",
                           "before": _dice_table(current), "after": _dice_table(processed)})
             if accepted:
-                keep_labels.append(label)
+                keep_labels.append(members if isinstance(label, tuple) else label)
                 current_folder, current = trial, processed
     final = work / "postprocessed"
     shutil.copytree(current_folder, final)

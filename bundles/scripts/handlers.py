@@ -76,8 +76,8 @@ class TrainingProgress:
         self.network, self.optimizer, self.lr_scheduler, self.metric = network, optimizer, lr_scheduler, metric
         self.ckpt_dir, self.output_dir = Path(ckpt_dir), Path(output_dir)
         self.enabled, self.resume, self.data_key = enabled, resume, data_key
-        self.history = {"epoch": [], "train_loss": [], "val_pseudo_dice": [], "val_ema": [], "lr": [],
-                        "epoch_seconds": []}
+        self.history = {"epoch": [], "train_loss": [], "val_pseudo_dice": [], "val_pseudo_dice_per_class": [],
+                        "val_ema": [], "lr": [], "epoch_seconds": []}
         self.best_ema = None
         self._losses: list[float] = []
         self._epoch_lr = None
@@ -143,6 +143,7 @@ class TrainingProgress:
         h["epoch"].append(engine.state.epoch)
         h["train_loss"].append(sum(self._losses) / max(len(self._losses), 1))
         h["val_pseudo_dice"].append(self.metric.last_mean)
+        h.setdefault("val_pseudo_dice_per_class", []).append(list(self.metric.last_per_class))  # label or region
         h["val_ema"].append(self.metric.ema)
         h["lr"].append(self._epoch_lr)
         h["epoch_seconds"].append(time.monotonic() - self._epoch_start)
