@@ -12,6 +12,10 @@ without an ignore label (4) and with ``batch_dice`` off and on:
 - the label map and the per-region sigmoid probabilities of ``LabelManager.convert_logits_to_segmentation`` /
   ``apply_inference_nonlin`` for random logits, and ``revert_cropping_on_probabilities`` into a larger image.
 
+It also writes ``tests/fixtures/nnunet_ignore_fingerprint.json``: nnU-Net's ``nnUNetv2_extract_fingerprint`` of a
+tiny synthetic dataset (``make_synthetic_dataset(..., sparse=True)``) whose unannotated voxels hold nnU-Net's ignore
+label (max label + 1). The test fingerprints the same data with the DIAG fork's -1 marks and ``"ignore": -1``.
+
 The tests compute the same with the bundle's ``nnunet_loss`` / ``DeepSupervisedLoss`` (which take the label map and
 build the regions inside the loss) and ``labels_from_probabilities`` / ``logits_to_original``'s uncropping, so
 parity with nnU-Net is checked without nnU-Net being a dependency. nnU-Net is only called; none of its code is copied.
@@ -32,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nnunet_venv import ensure_nnunet_venv  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nnunet_regions.pt"
+FINGERPRINT = FIXTURE.with_name("nnunet_ignore_fingerprint.json")
+# the sparse dataset of the fingerprint fixture; tests/test_verify.py builds the same one
+SPARSE_DATASET = {"cases": 4, "shape": (20, 18, 10), "spacing": (1, 1, 2), "labels": 2, "seed": 6, "sparse": True}
 
 # runs inside the nnU-Net venv; argv[1] = output file
 GENERATOR = r'''
@@ -92,6 +99,39 @@ print("wrote", sys.argv[1])
 '''
 
 
+def ignore_label_fingerprint(python: Path) -> None:
+    """nnU-Net's fingerprint of the sparse dataset with its -1 marks rewritten as the ignore label (max + 1)."""
+    import json
+    import os
+    import tempfile
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(FIXTURE.parents[2]))
+    from autoplan.synthetic import make_synthetic_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = make_synthetic_dataset(Path(tmp) / "raw" / "Dataset967_Ignore", **SPARSE_DATASET)
+        ignore = SPARSE_DATASET["labels"] + 1
+        for label in (raw / "labelsTr").glob("*.nii.gz"):
+            image = sitk.ReadImage(str(label))
+            array = sitk.GetArrayFromImage(image).astype(np.int16)
+            rewritten = sitk.GetImageFromArray(np.where(array == -1, ignore, array).astype(np.int16))
+            rewritten.CopyInformation(image)
+            sitk.WriteImage(rewritten, str(label), True)
+        spec = json.loads((raw / "dataset.json").read_text())
+        spec["labels"]["ignore"] = ignore
+        (raw / "dataset.json").write_text(json.dumps(spec))
+        env = {**os.environ, "nnUNet_raw": str(raw.parent), "nnUNet_preprocessed": str(Path(tmp) / "pre"),
+               "nnUNet_results": str(Path(tmp) / "results")}
+        subprocess.run([str(python.parent / "nnUNetv2_extract_fingerprint"), "-d", "967", "-np", "1"], check=True,
+                       env=env)
+        fingerprint = Path(tmp) / "pre" / "Dataset967_Ignore" / "dataset_fingerprint.json"
+        FINGERPRINT.write_text(fingerprint.read_text())
+    print("wrote", FINGERPRINT)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--venv", type=Path, default=None, help="nnU-Net venv (default: see nnunet_venv.py)")
@@ -99,6 +139,7 @@ def main(argv=None) -> int:
     python = ensure_nnunet_venv(args.venv)
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([str(python), "-c", GENERATOR, str(FIXTURE)], check=True)
+    ignore_label_fingerprint(python)
     return 0
 
 

@@ -201,3 +201,28 @@ def test_sparse_minus_one_labels_train_and_validate(tmp_path, kind):
     annotated = int((reference != -1).sum())
     metrics = case["metrics"][key]
     assert metrics["TP"] + metrics["FP"] + metrics["FN"] + metrics["TN"] == annotated  # -1 voxels count nowhere
+
+
+def test_region_bundle_passes_the_zoo_checks_and_predicts_the_same_after_export(regions, tmp_path):
+    """MONAI's ``verify_metadata`` and ``verify_net_in_out`` (defaults: one patch); zipped by ``autoplan export``,
+    installed elsewhere, the bundle predicts the same label map."""
+    from tools import export
+
+    raw, bundles = regions
+    bundle = bundles / bundle_name(1)
+    for check in (["verify_metadata", "--meta_file", "configs/metadata.json"],
+                  ["verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                   "--config_file", "configs/inference.json"]):
+        result = cli("-m", "monai.bundle", *check, cwd=bundle)
+        assert result.returncode == 0, result.stderr[-3000:]
+    archive = export.export_bundle(bundle, tmp_path / f"{bundle.name}.zip")
+    installed = export.install_bundle(archive, tmp_path / "installed")
+    predictions = []
+    for folder in (bundle, installed):
+        out = tmp_path / f"pred_{len(predictions)}"
+        result = cli("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir",
+                     raw / "imagesTs", "--output_dir", out, "--use_tta", "False", cwd=folder)
+        assert result.returncode == 0, result.stderr[-3000:]
+        predictions.append(read(out / "case_005.nii.gz"))
+    np.testing.assert_array_equal(predictions[0], predictions[1])
+    assert set(np.unique(predictions[0])) <= {0, *ORDER}

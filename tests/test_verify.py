@@ -174,3 +174,72 @@ def test_ignore_label_must_follow_the_others(dataset_copy):
     spec["labels"]["ignore"] = 5
     (dataset_copy / "dataset.json").write_text(json.dumps(spec))
     assert_rejected(dataset_copy, "'ignore' label must be max(other labels) + 1")
+
+
+# --- the DIAG fork's sparse labels (-1 = unannotated) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sparse_pair(tmp_path_factory):
+    """The same data twice: -1 marks declared as ``"ignore": -1`` (the DIAG fork), and the same voxels holding
+    max label + 1 declared as nnU-Net's ignore label."""
+    import shutil
+
+    from autoplan.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("sparse")
+    # the dataset benchmarks/make_region_fixture.py fingerprinted with nnU-Net (nnunet_ignore_fingerprint.json)
+    diag = make_synthetic_dataset(root / "Dataset967_Diag", cases=4, shape=(20, 18, 10), spacing=(1, 1, 2),
+                                  labels=2, seed=6, sparse=True)
+    nnunet = root / "Dataset967_Nnunet"
+    shutil.copytree(diag, nnunet)
+    for label in (nnunet / "labelsTr").glob("*.nii.gz"):
+        rewrite(label, lambda a: np.where(a == -1, 3, a.astype(np.int16)))
+    spec = json.loads((nnunet / "dataset.json").read_text())
+    spec["labels"]["ignore"] = 3
+    (nnunet / "dataset.json").write_text(json.dumps(spec))
+    return diag, nnunet
+
+
+def test_declared_minus_one_is_nnunets_ignore_label_for_fingerprint_and_plans(sparse_pair):
+    from autoplan.dataset import load_dataset
+    from autoplan.planner import plan
+
+    diag, nnunet = sparse_pair
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(str(diag / "labelsTr" / "case_000.nii.gz"))) == -1).any()
+    before = folder_digest(diag)
+    assert verify_dataset(diag, processes=1).ok
+    assert cli_verify(diag).returncode == 0
+    labels = load_dataset(diag).labels
+    assert labels.ignore_label == 3 and labels.sparse and labels.allowed_values == {-1, 0, 1, 2}
+    ours, _ = extract_fingerprint(diag, processes=1)
+    theirs, _ = extract_fingerprint(nnunet, processes=1)
+    assert ours == theirs  # the ignore voxels are foreground for the intensity statistics, as max + 1 is in nnU-Net
+    nnunet_fingerprint = json.loads((ROOT / "tests/fixtures/nnunet_ignore_fingerprint.json").read_text())
+    assert ours["spacings"] == nnunet_fingerprint["spacings"]
+    assert ours["shapes_after_crop"] == nnunet_fingerprint["shapes_after_crop"]
+    assert ours["median_relative_size_after_cropping"] == pytest.approx(
+        nnunet_fingerprint["median_relative_size_after_cropping"])
+    mine, reference = (f["foreground_intensity_properties_per_channel"]["0"] for f in (ours, nnunet_fingerprint))
+    for key in ("min", "max", "median", "percentile_00_5", "percentile_99_5"):
+        assert mine[key] == pytest.approx(reference[key], rel=1e-6), key
+    for key in ("mean", "std"):
+        assert mine[key] == pytest.approx(reference[key], abs=1e-4 * (reference["max"] - reference["min"])), key
+    spec_diag = json.loads((diag / "dataset.json").read_text())
+    spec_nnunet = json.loads((nnunet / "dataset.json").read_text())
+    assert plan(spec_diag, ours, dataset_name="D") == plan(spec_nnunet, theirs, dataset_name="D")
+    assert folder_digest(diag) == before  # the -1 files are read, never rewritten
+
+
+def test_undeclared_minus_one_is_refused_with_the_fix(dataset_copy):
+    label = dataset_copy / "labelsTr" / "case_002.nii.gz"
+    rewrite(label, lambda a: np.where(np.arange(a.shape[0])[:, None, None] % 2 == 1, -1, a.astype(np.int16)))
+    report = assert_rejected(dataset_copy, f"{label}: label value -1 (unannotated voxels) but dataset.json declares "
+                                           "no ignore label; add \"ignore\": -1 to its \"labels\"")
+    assert len([p for p in report.problems if "-1" in p]) == 1  # one line per file
+
+
+def test_ignore_must_be_max_plus_one_or_minus_one(dataset_copy):
+    spec = json.loads((dataset_copy / "dataset.json").read_text())
+    spec["labels"]["ignore"] = 7
+    (dataset_copy / "dataset.json").write_text(json.dumps(spec))
+    assert_rejected(dataset_copy, "the 'ignore' label must be max(other labels) + 1 = 3 (nnU-Net), or -1 (the DIAG "
+                                  "fork's sparse labels), got 7")
