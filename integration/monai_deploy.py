@@ -23,7 +23,7 @@ each label map equals the bundle's own ``monai.bundle run`` inference, voxel for
 
 Usage::
 
-    python integration/monai_deploy.py [--work DIR] [--venv DIR]
+    python integration/monai_deploy.py [--work DIR] [--venv DIR] [--regions]
 """
 
 from __future__ import annotations
@@ -136,14 +136,15 @@ def bundle_run(bundle: Path, *args) -> None:
         raise RuntimeError(f"{bundle}: monai.bundle {args[0]} failed:\n{result.stderr[-3000:]}")
 
 
-def prepare(work: Path) -> tuple[dict, Path]:
-    """Two trained fold bundles, their ensemble and the fold bundle's model.ts; returns them and a test image."""
+def prepare(work: Path, regions: bool = False) -> tuple[dict, Path]:
+    """Two trained fold bundles, their ensemble and the fold bundle's model.ts; returns them and a test image. With
+    ``regions`` the dataset declares BraTS-style regions."""
     from autoplan.pipeline import run
     from autoplan.synthetic import make_synthetic_dataset
     from tools import ensemble
 
     raw = make_synthetic_dataset(work / "raw" / "Dataset965_Deploy", cases=8, shape=(32, 32, 16), spacing=(1, 1, 2),
-                                 labels=2, test_cases=1, seed=13)
+                                 labels=3 if regions else 2, test_cases=1, seed=13, regions=regions)
     run(raw, work / "work", processes=1, configurations=["3d_fullres"], folds=[0, 1])
     folds = [work / "work" / "bundles" / f"Dataset965_Deploy_3d_fullres_fold{k}" for k in (0, 1)]
     for bundle in folds:
@@ -178,11 +179,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a new temporary one)")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="the SDK's virtual environment")
+    parser.add_argument("--regions", action="store_true", help="a region-based (BraTS-style) dataset")
     args = parser.parse_args(argv)
     work = (args.work or Path(tempfile.mkdtemp(prefix="autoplan-deploy-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     python = ensure_venv(args.venv)
-    bundles, image = prepare(work)
+    bundles, image = prepare(work, args.regions)
     app = work / "deploy_app.py"
     app.write_text(APP)
     elsewhere = work / "elsewhere"  # as a packaged app: not the bundle folder

@@ -204,17 +204,29 @@ def test_sparse_minus_one_labels_train_and_validate(tmp_path, kind):
 
 
 def test_region_bundle_passes_the_zoo_checks_and_predicts_the_same_after_export(regions, tmp_path):
-    """MONAI's ``verify_metadata`` and ``verify_net_in_out`` (defaults: one patch); zipped by ``autoplan export``,
-    installed elsewhere, the bundle predicts the same label map."""
+    """MONAI's workflow properties and ``verify_net_in_out`` (defaults: one patch, the output's 3 region channels
+    from metadata.json); zipped by ``autoplan export``, installed elsewhere, the bundle predicts the same label map."""
+    from monai.bundle import ConfigWorkflow
+
     from tools import export
 
     raw, bundles = regions
     bundle = bundles / bundle_name(1)
-    for check in (["verify_metadata", "--meta_file", "configs/metadata.json"],
-                  ["verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                   "--config_file", "configs/inference.json"]):
-        result = cli("-m", "monai.bundle", *check, cwd=bundle)
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = cli("-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                 "--config_file", "configs/inference.json", cwd=bundle)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sys.path.insert(0, str(bundle))
+    try:
+        for config, kind in (("train.json", "train"), ("inference.json", "infer")):
+            workflow = ConfigWorkflow(config_file=str(bundle / "configs" / config),
+                                      meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                                      workflow_type=kind, bundle_root=str(bundle), initialize=[])
+            workflow.initialize()
+            assert workflow.check_properties() == []
+    finally:
+        sys.path.remove(str(bundle))
+        for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+            del sys.modules[name]
     archive = export.export_bundle(bundle, tmp_path / f"{bundle.name}.zip")
     installed = export.install_bundle(archive, tmp_path / "installed")
     predictions = []
