@@ -34,7 +34,9 @@ def _guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except DatasetError as exc:
         _fail(exc.problems, exc.warnings)
-    except (PlanningError, FileExistsError, ValueError, OSError) as exc:
+    except OSError as exc:  # "PATH: Not a directory" rather than "[Errno 20] Not a directory: 'PATH'"
+        _fail([f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)])
+    except (PlanningError, ValueError) as exc:
         _fail([str(exc)])
 
 
@@ -59,6 +61,7 @@ def synthetic(out_dir, cases: int = 8, shape="48,48,32", spacing=None, channels:
     """
     from autoplan.synthetic import make_synthetic_dataset
 
+    shape, spacing = _numbers(shape, "shape"), _numbers(spacing, "spacing")
     path = _guarded(make_synthetic_dataset, out_dir, cases=cases, shape=shape, spacing=spacing, channels=channels,
                     modality=modality, labels=labels, test_cases=test_cases, spacing_jitter=spacing_jitter, seed=seed,
                     regions=regions, sparse=sparse)
@@ -130,13 +133,28 @@ def plan(dataset_json, fingerprint, out="plans.json", planner: str = "default", 
     print(f"wrote {out}")
 
 
+def _numbers(value, name: str):
+    """``48,48,32`` / ``"0.8 0.8 4"`` / a number, as fire hands them over, as a tuple of floats (None stays None);
+    anything else ends the command with exit status 2."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else str(value).replace("x", ",").replace(",", " ").split()
+    try:
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        _fail([f"--{name}: {value!r} is not a list of numbers such as 48,48,32"])
+
+
 def _folds(folds):
-    """``0,1,2`` / ``"0 1 2"`` / ``all`` / a single int, as fire hands them over."""
-    if isinstance(folds, (list, tuple)):
-        return [f if f == "all" else int(f) for f in folds]
+    """``0,1,2`` / ``"0 1 2"`` / ``all`` / a single int, as fire hands them over; anything else ends the command
+    with exit status 2."""
     if isinstance(folds, int) or str(folds) == "all":
         return [folds]
-    return [f if f == "all" else int(f) for f in str(folds).replace(",", " ").split()]
+    items = folds if isinstance(folds, (list, tuple)) else str(folds).replace(",", " ").split()
+    try:
+        return [f if f == "all" else int(f) for f in items]
+    except (TypeError, ValueError):
+        _fail([f"--folds: {folds!r} is not a list of fold numbers (e.g. 0,1,2) or all"])
 
 
 def _names(value):

@@ -56,7 +56,10 @@ def read_array(path) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(f"{path}: unreadable or truncated image file ({detail})") from None
     array = sitk.GetArrayFromImage(image)
     if ending in NATURAL_2D_ENDINGS:
-        if image.GetNumberOfComponentsPerPixel() > 1 or array.ndim != 2:
+        if array.ndim == 3 and image.GetNumberOfComponentsPerPixel() == array.shape[-1] > 1 and np.all(
+                array == array[..., :1]):  # ITK reads 8-bit grey BMPs (a grey palette) as RGB with R = G = B
+            array = np.ascontiguousarray(array[..., 0])
+        elif image.GetNumberOfComponentsPerPixel() > 1 or array.ndim != 2:
             raise ImageReadError(f"{path}: a natural image with {image.GetNumberOfComponentsPerPixel()} colour "
                                  "components; save each colour channel as its own _XXXX file")
         return array[None], Geometry(spacing=(999.0, 1.0, 1.0))

@@ -29,7 +29,6 @@ def run(raw_dir, out, planner: str = "default", gpu_memory_gb: float | None = No
     if planner not in PRESETS:
         raise PlanningError(f"unknown planner '{planner}'; choose one of {', '.join(PRESETS)}")
     raw_dir, out = Path(raw_dir), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     fingerprint_path = out / "dataset_fingerprint.json"
     _, warnings = write_fingerprint(raw_dir, fingerprint_path, processes)
     for w in warnings:

@@ -294,6 +294,33 @@ def test_plain_unet_reproduces_nnunets_own_network(case):
         torch.testing.assert_close(net.eval()(fixture["input"]), fixture["eval_output"], rtol=1e-5, atol=1e-5)
 
 
+RESENC_FIXTURE = ROOT / "tests" / "fixtures" / "nnunet_resenc_unets.pt"
+
+
+@pytest.mark.parametrize("case", ["resenc_m_anisotropic_3d", "resenc_l_2d"])
+def test_resenc_unet_reproduces_nnunets_own_network(case):
+    """nnU-Net 2.8.1 built these ResidualEncoderUNets from ResEnc-style plans, with every weight (the residual
+    branches' zero-initialised norms included) perturbed (benchmarks/make_resenc_fixture.py); the plan builds ours,
+    nnU-Net's weights load strictly, and every deep-supervision output and the eval output match."""
+    from bundles.scripts.networks import ResidualEncoderUNet
+
+    fixture = torch.load(RESENC_FIXTURE, weights_only=True)[case]
+    assert fixture["class"] == "ResidualEncoderUNet"
+    plan = {"architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet."
+                             "ResidualEncoderUNet", "arch_kwargs": fixture["arch_kwargs"]}}
+    net = network_from_plan(plan, fixture["in_channels"], fixture["out_channels"])
+    assert isinstance(net, ResidualEncoderUNet)
+    state = nnunet_state_dict(fixture["state_dict"])
+    assert not any(torch.all(v == 0) for k, v in state.items() if k.endswith("norm.weight"))
+    net.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        outs = net.train()(fixture["input"])
+        assert len(outs) == len(fixture["train_outputs"]) == fixture["arch_kwargs"]["n_stages"] - 1
+        for ours, theirs in zip(outs, fixture["train_outputs"]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net.eval()(fixture["input"]), fixture["eval_output"], rtol=1e-5, atol=1e-5)
+
+
 def test_training_steps_reproduce_nnunets_own():
     """Four SGD steps from nnU-Net's weights on the same batches: nnU-Net's loss, optimizer and clipping
     (benchmarks/make_network_fixture.py) against the bundle's loss, the optimizer settings of train.json and its

@@ -142,18 +142,22 @@ def test_seg_one_hot_keeps_minus_one_and_thin_structures():
     np.testing.assert_array_equal(out[0, 0, :, :4], -1)
     rows = np.flatnonzero((out[0, 0] == 2).any(axis=1))
     np.testing.assert_array_equal(rows, [6, 7])  # rows 6, 7 sample source 2.75 / 3.25 -> mask 0.75
-    # downsampling by nearest neighbour can miss the line; the one-hot resize keeps it
-    down = plain(seg, (1, 5, 5), is_seg=True, order=1)
-    assert (down == 2).any()
 
 
-def test_seg_later_labels_overwrite_and_unreached_voxels_are_zero():
-    seg = line([1, 2], dtype=np.int16)
-    # source coord 0.5 at the middle output voxel: both masks are exactly 0.5 -> the later label (2) wins
-    np.testing.assert_array_equal(plain(seg, (1, 1, 3), is_seg=True, order=1).ravel(), [1, 2, 2])
+def test_seg_top_score_wins_and_ties_go_to_the_nearest_label():
+    """batchgenerators 0.25.5's rule (nnU-Net 2.8.1): the label whose resized indicator scores highest; a tie goes to
+    the nearest-neighbour label (scipy's order 0 takes source 1 at coordinate 0.5)."""
+    # source coord 0.5 at the middle voxel: both masks 0.5, the nearest source voxel is 1
+    np.testing.assert_array_equal(plain(line([1, 2], dtype=np.int16), (1, 1, 3), is_seg=True, order=1).ravel(),
+                                  [1, 2, 2])  # nearest is 2, not the smaller label
+    np.testing.assert_array_equal(plain(line([2, 1], dtype=np.int16), (1, 1, 3), is_seg=True, order=1).ravel(),
+                                  [2, 1, 1])  # nearest is 1, not the later label
     seg = np.array([[1, 2], [3, 4]], dtype=np.int16).reshape(1, 1, 2, 2)
-    out = plain(seg, (1, 3, 3), is_seg=True, order=1)  # the centre samples all four masks at 0.25
-    np.testing.assert_array_equal(out[0, 0], [[1, 2, 2], [3, 0, 4], [3, 4, 4]])
+    out = plain(seg, (1, 3, 3), is_seg=True, order=1)  # the centre samples all four masks at 0.25: nearest (4)
+    np.testing.assert_array_equal(out[0, 0], [[1, 2, 2], [3, 4, 4], [3, 4, 4]])
+    # 0 0 2 -> 5 voxels: coords -0.2, 0.4, 1.0, 1.6, 2.2; label 2 scores 0, 0, 0, .6, 1: the larger score wins
+    np.testing.assert_array_equal(plain(line([0, 0, 2], dtype=np.int8), (1, 1, 5), is_seg=True, order=1).ravel(),
+                                  [0, 0, 0, 2, 2])
 
 
 def test_seg_order0_is_nearest():
@@ -182,7 +186,8 @@ def test_seg_separate_z_linear_order_z_uses_rounded_one_hot():
 
 
 def _reference(data, new_shape, current_spacing, new_spacing, is_seg, order, order_z, force=None):
-    """Spec 3.9 written out literally with skimage's resize and a full 3-D map_coordinates (test-only)."""
+    """Spec 3.9 written out literally with skimage's resize and a full 3-D map_coordinates (test-only); label maps
+    resized by batchgenerators 0.25.5's rule (top score, ties to the nearest label), not the spec's threshold."""
     from skimage.transform import resize as sk_resize
 
     def sk_data(x, shape, o):
@@ -191,10 +196,15 @@ def _reference(data, new_shape, current_spacing, new_spacing, is_seg, order, ord
     def sk_seg(x, shape, o):
         if o == 0:
             return sk_resize(x.astype(float), shape, o, mode="edge", clip=True, anti_aliasing=False).astype(x.dtype)
-        res = np.zeros(shape, dtype=x.dtype)
-        for c in np.unique(x):
-            res[sk_resize((x == c).astype(float), shape, o, mode="edge", clip=True, anti_aliasing=False) >= 0.5] = c
-        return res
+        # every label's resized indicator; the top score wins (argmax: the smallest label among ties), unless the
+        # nearest-neighbour label shares the (positive) top score
+        labels = np.unique(x)
+        nearest = sk_resize(x.astype(float), shape, 0, mode="edge", clip=True, anti_aliasing=False)
+        scores = np.stack([sk_resize((x == c).astype(float), shape, o, mode="edge", clip=True, anti_aliasing=False)
+                           for c in labels])
+        top = scores.max(axis=0)
+        nearest_on_top = np.any([(scores[i] == top) & (nearest == c) for i, c in enumerate(labels)], axis=0)
+        return np.where(nearest_on_top & (top > 0), nearest, labels[np.argmax(scores, axis=0)]).astype(x.dtype)
 
     fn = sk_seg if is_seg else sk_data
     axis = separate_z_axis(current_spacing, new_spacing, force)

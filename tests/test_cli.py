@@ -184,3 +184,37 @@ def test_emit_refuses_to_overwrite_a_bundle_with_exit_2(emit_inputs, tmp_path):
     assert autoplan(*args).returncode == 0
     again = autoplan(*args)
     assert again.returncode == 2 and "bundle already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["synthetic", "{tmp}/full"], "{tmp}/full: already exists and is not empty"),
+    (["synthetic", "{tmp}/new", "--shape", "a,b"], "--shape: ('a', 'b') is not a list of numbers"),
+    (["synthetic", "{tmp}/new", "--shape", "8,8,8,8"], "must both have 2 or 3 entries"),
+    (["synthetic", "{tmp}/new", "--cases", "0"], "cases, channels and labels must be at least 1"),
+    (["convert-msd", "{tmp}/missing", "{tmp}/new"], "{tmp}/missing/dataset.json: file not found"),
+    (["verify", "{tmp}/missing"], "{tmp}/missing: dataset folder not found"),
+    (["fingerprint", "{tmp}/full"], "{tmp}/full/dataset.json: file not found"),
+    (["plan", "--dataset-json", "{tmp}/bad.json", "--fingerprint", "{tmp}/bad.json"], "{tmp}/bad.json: not valid JSON"),
+    (["emit", "{tmp}/bad.json", "{tmp}/missing", "--folds", "x"], "--folds: 'x' is not a list of fold numbers"),
+    (["run", "{tmp}/missing", "--out", "{tmp}/new"], "{tmp}/missing: dataset folder not found"),
+    (["run", "{tmp}/missing", "--out", "{tmp}/new", "--folds", "0,x"], "--folds: (0, 'x') is not a list"),
+    (["demo", "--out", "{tmp}/file"], "{tmp}/file/raw: Not a directory"),
+    (["train", "{tmp}/full"], "{tmp}/full/bundles: no such folder"),
+    (["train", "{tmp}/full", "--folds", "one"], "--folds: 'one' is not a list of fold numbers"),
+    (["predict", "{tmp}/full", "{tmp}/missing", "{tmp}/new"], "{tmp}/full/bundles/selection/report.json: missing"),
+    (["predict", "{tmp}/full", "{tmp}/missing", "{tmp}/new", "--bundle", "{tmp}/full"],
+     "{tmp}/full/configs/inference.json: missing (not a bundle)"),
+])
+def test_every_command_rejects_bad_input_with_one_clear_line_and_exit_2(tmp_path, args, message):
+    """Each command's bad input: exit status 2, one ``error:`` line naming the file or option and the problem, no
+    traceback, nothing written."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "bad.json").write_text("{bad")
+    result = autoplan(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message.format(tmp=tmp_path) in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "new").exists()

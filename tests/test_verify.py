@@ -243,3 +243,107 @@ def test_ignore_must_be_max_plus_one_or_minus_one(dataset_copy):
     (dataset_copy / "dataset.json").write_text(json.dumps(spec))
     assert_rejected(dataset_copy, "the 'ignore' label must be max(other labels) + 1 = 3 (nnU-Net), or -1 (the DIAG "
                                   "fork's sparse labels), got 7")
+
+
+def test_non_integer_label_values(dataset_copy):
+    rewrite(dataset_copy / "labelsTr" / "case_004.nii.gz",
+            lambda a: np.where(a == 1, 1.5, a).astype(np.float32))
+    assert_rejected(dataset_copy, "case_004.nii.gz", "non-integer values [1.5]")
+
+
+def test_label_file_without_images_is_a_warning_naming_it(dataset_copy):
+    """A label with no images is not a case (numTraining still counts 6); like nnU-Net, verify does not fail."""
+    src = dataset_copy / "labelsTr" / "case_000.nii.gz"
+    (dataset_copy / "labelsTr" / "case_077.nii.gz").write_bytes(src.read_bytes())
+    report = verify_dataset(dataset_copy, processes=1)
+    assert report.ok and report.num_cases == 6, report.problems
+    assert any("case_077.nii.gz" in w and "no images" in w for w in report.warnings), report.warnings
+    result = cli_verify(dataset_copy)
+    assert result.returncode == 0 and "case_077.nii.gz" in result.stderr
+
+
+@pytest.mark.parametrize("bad_name", ["case_002_000.nii.gz", "case_002-0000.nii.gz", "case_002_00000.nii.gz"])
+def test_channel_file_not_named_case_xxxx(dataset_copy, bad_name):
+    """A channel file without a 4-digit _XXXX suffix is named, and its case then misses that channel."""
+    (dataset_copy / "imagesTr" / "case_002_0000.nii.gz").rename(dataset_copy / "imagesTr" / bad_name)
+    report = assert_rejected(dataset_copy, bad_name, "does not follow CASE_XXXX.nii.gz",
+                             "case_002_0000.nii.gz", "missing channel 0")
+    assert len(report.problems) == 2, report.problems
+
+
+def test_image_of_an_undeclared_case_without_its_label(dataset_copy):
+    """Images whose case has no label file: the expected label path is named."""
+    for c in (0, 1):
+        src = dataset_copy / "imagesTr" / f"case_000_{c:04d}.nii.gz"
+        (dataset_copy / "imagesTr" / f"extra_{c:04d}.nii.gz").write_bytes(src.read_bytes())
+    assert_rejected(dataset_copy, "labelsTr/extra.nii.gz", "label file missing for case 'extra'")
+
+
+def _regions(dataset_copy, regions_class_order):
+    spec = json.loads((dataset_copy / "dataset.json").read_text())
+    spec["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
+    if regions_class_order is not None:
+        spec["regions_class_order"] = regions_class_order
+    (dataset_copy / "dataset.json").write_text(json.dumps(spec))
+
+
+def test_region_dataset_with_regions_class_order_passes(dataset_copy):
+    """BraTS-style regions: label values are those named in any region (0, 1, 2)."""
+    _regions(dataset_copy, [1, 2])
+    report = verify_dataset(dataset_copy, processes=1)
+    assert report.ok, report.problems
+    assert cli_verify(dataset_copy).returncode == 0
+
+
+def test_region_dataset_label_values_outside_the_regions(dataset_copy):
+    _regions(dataset_copy, [1, 2])
+    rewrite(dataset_copy / "labelsTr" / "case_001.nii.gz", lambda a: np.where(a == 2, 3, a).astype(a.dtype))
+    assert_rejected(dataset_copy, "case_001.nii.gz", "[3]", "not declared")
+
+
+@pytest.mark.parametrize("order, message", [(None, "need 'regions_class_order'"),
+                                            ([1], "'regions_class_order' needs 2 entries")])
+def test_region_dataset_without_a_fitting_regions_class_order(dataset_copy, order, message):
+    _regions(dataset_copy, order)
+    assert_rejected(dataset_copy, "dataset.json", message)
+
+
+def _natural_2d_dataset(root, ending, colour_case=None):
+    """Three 1-channel 2-D cases written by SimpleITK as ``ending`` files (8-bit: BMP holds nothing wider)."""
+    rng = np.random.default_rng(0)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i in range(3):
+        label = np.zeros((20, 24), np.uint8)
+        label[5:12, 6:15] = 1
+        image = (rng.integers(0, 100, (20, 24)) + 100 * label).astype(np.uint8)
+        if i == colour_case:
+            sitk.WriteImage(sitk.GetImageFromArray(np.stack([image, 255 - image, 200 * label], -1), isVector=True),
+                            str(root / "imagesTr" / f"img_{i:03d}_0000{ending}"))
+        else:
+            sitk.WriteImage(sitk.GetImageFromArray(image), str(root / "imagesTr" / f"img_{i:03d}_0000{ending}"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(root / "labelsTr" / f"img_{i:03d}{ending}"))
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "RGB"}, "numTraining": 3,
+                                                   "labels": {"background": 0, "cell": 1}, "file_ending": ending}))
+    return root
+
+
+@pytest.mark.parametrize("ending", [".tif", ".tiff", ".bmp", ".png"])
+def test_natural_2d_images_are_read(tmp_path, ending):
+    """PNG/BMP/TIFF are read as (1, H, W) with spacing (999, 1, 1), as nnU-Net's NaturalImage2DIO does."""
+    from autoplan.image_io import read_array
+
+    root = _natural_2d_dataset(tmp_path / "Dataset950_Cells", ending)
+    report = verify_dataset(root, processes=1)
+    assert report.ok and report.num_cases == 3, report.problems
+    array, geometry = read_array(root / "imagesTr" / f"img_000_0000{ending}")
+    assert array.shape == (1, 20, 24) and geometry.spacing == (999.0, 1.0, 1.0)
+    assert cli_verify(root).returncode == 0
+
+
+@pytest.mark.parametrize("ending", [".tif", ".bmp"])
+def test_colour_natural_image_is_rejected(tmp_path, ending):
+    """A real colour image is refused (one file per channel); a grey one that ITK reads as R = G = B is not (above:
+    SimpleITK reads the 8-bit grey BMPs it writes as RGB)."""
+    root = _natural_2d_dataset(tmp_path / "Dataset951_Cells", ending, colour_case=1)
+    assert_rejected(root, f"img_001_0000{ending}", "3 colour components")

@@ -1,5 +1,6 @@
-"""Inference pieces MONAI lacks: mirroring TTA and slice-by-slice 2-D prediction inside a ``SlidingWindowInferer``,
-saving probabilities for ensembling, and the end-of-training prediction of a fold's validation cases.
+"""Inference pieces MONAI lacks: nnU-Net's sliding window (tile positions and Gaussian weights) with mirroring TTA and
+slice-by-slice 2-D prediction, behind ``SlidingWindowInferer``'s interface; saving probabilities for ensembling; and
+the end-of-training prediction of a fold's validation cases.
 
 TTA and the 2-D handling live in the inferer, not the network, so that ``network_def`` stays the plain network whose
 state dict is ``models/model.pt``: MONAI Label, MONAI Deploy and ``ckpt_export`` load it as it is, and every consumer
@@ -8,6 +9,7 @@ that calls ``inferer(inputs, network)`` gets nnU-Net's prediction.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform
 from torch import nn
@@ -33,26 +36,121 @@ class SliceWise(nn.Module):
         return self.network(x[:, :, 0]).unsqueeze(2)
 
 
+def tile_starts(image_size, tile_size, overlap: float = 0.5) -> list[list[int]]:
+    """Start of every sliding-window tile along each axis, placed as nnU-Net places them.
+
+    Along an axis of length ``n`` (at least the tile's ``t``), the fewest tiles whose spacing is at most
+    ``(1 - overlap) * t`` are spread evenly from 0 to ``n - t``, each start rounded half-to-even. MONAI's
+    ``dense_patch_slices`` instead steps by ``int((1 - overlap) * t)`` and pushes the last tile back to the edge.
+    """
+    starts = []
+    for n, t in zip(image_size, tile_size):
+        n, t = int(n), int(t)
+        if n < t:
+            raise ValueError(f"image size {list(image_size)} is smaller than the tile {list(tile_size)}: pad it")
+        count = int(np.ceil((n - t) / (t * (1 - overlap)))) + 1
+        spacing = (n - t) / (count - 1) if count > 1 else 0.0
+        starts.append([int(np.round(spacing * i)) for i in range(count)])
+    return starts
+
+
+def gaussian_importance(tile_size, sigma_scale: float = 0.125) -> np.ndarray:
+    """nnU-Net's tile weights (float32, peak 1): a unit impulse at voxel ``t // 2`` of each axis smoothed by scipy's
+    Gaussian filter (sigma ``sigma_scale * t``, zero outside the tile), divided by its maximum; exact zeros take the
+    smallest positive weight. MONAI's map is centred at ``(t - 1) / 2`` instead and floored at 1e-3."""
+    from scipy import ndimage
+
+    impulse = np.zeros([int(t) for t in tile_size])
+    impulse[tuple(int(t) // 2 for t in tile_size)] = 1.0
+    weights = ndimage.gaussian_filter(impulse, [int(t) * sigma_scale for t in tile_size], order=0, mode="constant",
+                                      cval=0.0)
+    weights = (weights / weights.max()).astype(np.float32)
+    if np.any(weights == 0):
+        weights[weights == 0] = weights[weights > 0].min()
+    return weights
+
+
 class NnUNetInferer(SlidingWindowInferer):
-    """``SlidingWindowInferer`` (overlap 0.5, Gaussian sigma 1/8 by default) plus nnU-Net's mirroring TTA.
+    """Sliding-window prediction as nnU-Net's predictor makes it, plus its mirroring TTA.
+
+    Tiles are placed by ``tile_starts`` and weighted by ``gaussian_importance`` (``mode="gaussian"``, the default) or
+    equally (``"constant"``); inputs smaller than the tile are padded symmetrically (``cval``, default 0) and the
+    padding is cut off again. It keeps ``SlidingWindowInferer``'s interface (``inferer(inputs, network)``, the
+    ``roi_size``, ``sw_batch_size``, ``sw_device`` and ``device`` settings) but not its tiling, which places tiles
+    and weights them differently; buffered stitching and ``with_coord`` are not offered. Weights and sums are float32
+    (nnU-Net accumulates in float16).
 
     ``mirror_axes`` are spatial axes of the patch ((0, 1, 2) for 3-D, (0, 1) for 2-D; ``()`` disables TTA). With
-    ``two_d`` the window is one slice thick and the network sees 2-D slices.
+    ``two_d`` the window is one slice thick and the network sees 2-D slices, each slice predicted once.
     """
 
     def __init__(self, roi_size, mirror_axes=(), two_d: bool = False, overlap: float = 0.5, mode: str = "gaussian",
                  sigma_scale: float = 0.125, sw_batch_size: int = 1, **kwargs):
+        if kwargs.get("buffer_steps") or kwargs.get("with_coord"):
+            raise ValueError("NnUNetInferer offers neither buffer_steps nor with_coord")
+        if not 0 <= float(overlap) < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         self.two_d = two_d
         self.mirror_axes = tuple(int(a) + (1 if two_d else 0) for a in mirror_axes)
         roi = [1, *roi_size] if two_d else list(roi_size)
         super().__init__(roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
                          sigma_scale=sigma_scale, **kwargs)
+        tile = [int(t) for t in roi]
+        if self.mode == "gaussian":
+            weights = gaussian_importance(tile[1:] if two_d else tile, float(sigma_scale))
+            self.tile_weights = torch.from_numpy(weights.reshape(tile))
+        else:
+            self.tile_weights = torch.ones(tile)
+
+    def tile_slices(self, image_size) -> list[tuple]:
+        """The spatial slices of every tile over an image at least as large as the tile, in nnU-Net's order."""
+        tile = [int(t) for t in self.roi_size]
+        if self.two_d:  # every slice once; in-plane as nnU-Net's 2-D predictor
+            starts = [list(range(int(image_size[0])))] + tile_starts(image_size[1:], tile[1:], float(self.overlap))
+        else:
+            starts = tile_starts(image_size, tile, float(self.overlap))
+        return [tuple(slice(s, s + t) for s, t in zip(corner, tile)) for corner in itertools.product(*starts)]
 
     def __call__(self, inputs, network, *args, **kwargs):
         network = SliceWise(network) if self.two_d else network
         if self.mirror_axes:
             network = MirrorTTA(network, self.mirror_axes)
-        return super().__call__(inputs, network, *args, **kwargs)
+        device = torch.device(kwargs.pop("device", None) or self.device or inputs.device)
+        sw_device = torch.device(self.sw_device or inputs.device)
+        meta = inputs if isinstance(inputs, MetaTensor) else None
+        x = inputs.as_tensor() if meta is not None else torch.as_tensor(inputs)
+        tile = [int(t) for t in self.roi_size]
+        if x.ndim != len(tile) + 2:
+            raise ValueError(f"inputs of shape {tuple(x.shape)} do not fit the {len(tile)}-D window {tile}")
+        original = list(x.shape[2:])
+        pad = [max(t - s, 0) for s, t in zip(original, tile)]
+        if any(pad):  # symmetric, the extra voxel above (torch.nn.functional.pad lists the last axis first)
+            widths = [w for p in reversed(pad) for w in (p // 2, p - p // 2)]
+            x = torch.nn.functional.pad(x, widths, mode=str(self.padding_mode), value=float(self.cval))
+        weights = self.tile_weights.to(device=sw_device, dtype=x.dtype)
+        slices = self.tile_slices(x.shape[2:])
+        total = count = None
+        for b in range(x.shape[0]):
+            for first in range(0, len(slices), int(self.sw_batch_size)):
+                batch = slices[first:first + int(self.sw_batch_size)]
+                windows = torch.cat([x[(slice(b, b + 1), slice(None), *s)] for s in batch]).to(sw_device)
+                out = network(windows, *args, **kwargs)
+                if not isinstance(out, torch.Tensor) or list(out.shape[2:]) != tile:
+                    raise TypeError("the network must return one logits tensor with the window's spatial shape")
+                out = (out * weights).to(device)
+                if total is None:
+                    total = torch.zeros((x.shape[0], out.shape[1], *x.shape[2:]), dtype=out.dtype, device=device)
+                    count = torch.zeros(x.shape[2:], dtype=out.dtype, device=device)
+                for window, s in zip(out, batch):
+                    total[(b, slice(None), *s)] += window
+                    if b == 0:
+                        count[s] += weights.to(device)
+        total /= count
+        if any(pad):
+            total = total[(slice(None), slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(pad, original)])]
+        if meta is not None:
+            total = MetaTensor(total).copy_meta_from(meta, copy_attr=False)
+        return total
 
 
 class SaveProbabilitiesd(MapTransform):

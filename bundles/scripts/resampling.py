@@ -72,18 +72,39 @@ def resize(image: np.ndarray, new_shape, order: int, dtype=np.float32) -> np.nda
 
 
 def resize_segmentation(seg: np.ndarray, new_shape, order: int) -> np.ndarray:
-    """Resize a label map: nearest for order 0, else one-hot per label (ascending, -1 included) thresholded at 0.5.
+    """Resize a label map as batchgenerators 0.25.5 (nnU-Net 2.8.1's resampler) does. Keeps ``seg.dtype``.
 
-    Later labels overwrite earlier ones; voxels no label reaches stay 0. Keeps ``seg.dtype``.
+    Order 0 is nearest. Otherwise every label's indicator (-1 included) is resized with ``order`` and each voxel takes
+    the label scoring highest; where several labels share the top score, the nearest-neighbour label wins if it is
+    one of them (and scores above 0), else the smallest of them. Older batchgenerators releases, and the reference
+    spec, threshold each indicator at 0.5 instead (later labels overwrite, unreached voxels stay 0); nnU-Net 2.8.1's
+    own preprocessed arrays (tests/test_nnunet_preprocessing.py) follow the argmax.
     """
     new_shape = tuple(int(s) for s in new_shape)
     if seg.shape == new_shape:
         return seg.copy()
+    if seg.size == 0:
+        return np.zeros(new_shape, dtype=seg.dtype)
+    nearest = resize(seg, new_shape, 0, dtype=np.float64)
     if order == 0:
-        return resize(seg, new_shape, 0, dtype=seg.dtype)
-    out = np.zeros(new_shape, dtype=seg.dtype)
-    for label in np.unique(seg):
-        out[resize((seg == label).astype(np.float32), new_shape, order, dtype=np.float64) >= 0.5] = label
+        return nearest.astype(seg.dtype)
+    labels = np.unique(seg)
+    if len(labels) == 1:
+        return np.full(new_shape, labels[0], dtype=seg.dtype)
+    best = winner = None
+    nearest_score = np.zeros(new_shape)  # the score of the nearest-neighbour label at each voxel
+    for index, label in enumerate(labels):
+        score = resize((seg == label).astype(np.float32), new_shape, order, dtype=np.float64)
+        at_nearest = nearest == label
+        nearest_score[at_nearest] = score[at_nearest]
+        if best is None:
+            best, winner = score, np.zeros(new_shape, dtype=np.intp)
+        else:
+            winner[score > best] = index  # strict: ties stay with the smaller label
+            np.maximum(best, score, out=best)
+    out = labels[winner].astype(seg.dtype)
+    tied = (nearest_score == best) & (best > 0)
+    out[tied] = nearest[tied]
     return out
 
 
