@@ -129,15 +129,16 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
     channels = {str(k): v for k, v in spec.get("channel_names", spec.get("modality", {})).items()}
     modalities = [channel_modality(v) for v in channels.values()]
     spatial = [f"{p}*n" for p in values["patch_size"]]
-    if values.get("regions"):  # one output channel per region; the label map holds regions_class_order's values
+    if values.get("regions"):
+        # one output channel per region, but the label map holds regions_class_order's values, and those are what
+        # MONAI Label reads from channel_def as label ids
         region_names = [k for k, v in spec["labels"].items() if k != "ignore" and v not in (0, [0])]
-        channel_names = {str(i): f"{k} {tuple(r)}" for i, (k, r) in enumerate(zip(region_names, values["regions"]))}
         out_names = {"0": "background"} | {str(v): k for v, k in zip(values["regions_class_order"], region_names)}
         max_value = max(values["regions_class_order"])
     else:
         out_names = {str(v): k for k, v in spec["labels"].items() if k != "ignore" and not isinstance(v, list)}
         out_names = dict(sorted(out_names.items(), key=lambda kv: int(kv[0])))
-        channel_names, max_value = out_names, max(values["foreground_labels"])
+        max_value = max(values["foreground_labels"])
     required = {p: _installed(p) for p in ("nibabel", "pytorch-ignite", "scipy", "SimpleITK", "matplotlib",
                                            "tensorboard")}
     optional = {p: _installed(p) for p in ("mlflow", "onnxruntime")}
@@ -180,7 +181,7 @@ def _metadata(name: str, spec: dict, plans: dict, configuration: str, values: di
             "outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": values["num_classes"],
                 "spatial_shape": spatial, "dtype": "float32", "value_range": [], "is_patch_data": True,
-                "channel_def": channel_names}},
+                "channel_def": out_names}},
             "post_processed_outputs": {"pred": {
                 "type": "image", "format": "segmentation", "num_channels": 1, "spatial_shape": ["*"] * image_dims,
                 "dtype": "uint8", "value_range": [0, max_value], "is_patch_data": False,

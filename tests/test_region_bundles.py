@@ -110,10 +110,10 @@ def test_region_bundle_declares_regions_and_trains(regions):
     assert json.loads((bundle / "configs/inference.json").read_text())["regions_class_order"] == ORDER
     meta = json.loads((bundle / "configs/metadata.json").read_text())
     outputs = meta["network_data_format"]
-    assert outputs["outputs"]["pred"]["channel_def"] == {"0": "region_1 (1, 2, 3)", "1": "region_2 (2, 3)",
-                                                         "2": "region_3 (3,)"}
-    assert outputs["post_processed_outputs"]["pred"]["channel_def"] == {"0": "background", "1": "region_1",
-                                                                        "2": "region_2", "3": "region_3"}
+    # MONAI Label reads channel_def as label name -> value in the label map: the regions_class_order values
+    names = {"0": "background", "1": "region_1", "2": "region_2", "3": "region_3"}
+    assert outputs["outputs"]["pred"]["channel_def"] == names and outputs["outputs"]["pred"]["num_channels"] == 3
+    assert outputs["post_processed_outputs"]["pred"]["channel_def"] == names
     progress = json.loads((bundle / "eval/progress.json").read_text())
     assert len(progress["val_pseudo_dice_per_class"][0]) == 3  # one pseudo-Dice per region
     assert set(meta["eval_metrics"]) >= {"dice_region_1", "dice_region_2", "dice_region_3", "mean_dice"}
