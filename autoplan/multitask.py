@@ -14,6 +14,7 @@ the templates themselves stay segmentation-only. The runtime lives in ``bundles/
 from __future__ import annotations
 
 import copy
+import json
 
 HEADS = ("simple", "roi", "attention")
 DEFAULT_HEAD = "roi"
@@ -188,3 +189,22 @@ def apply_to_metadata(meta: dict, names: list[str], head: str) -> dict:
     meta["pred_classes"] = meta.get("pred_classes", "") + "; case classes: " + ", ".join(
         f"{i}: {n}" for i, n in enumerate(names))
     return meta
+
+
+def readme_section(train: dict) -> str:
+    """The bundle README's section on the classification head ("" for a segmentation-only bundle)."""
+    if "classification_head" not in train:
+        return ""
+    names = ", ".join(f"{i} = {n}" for i, n in enumerate(train["classification_names"]))
+    return f"""
+## Classification
+Besides the label map, this bundle predicts one class per case ({names}) with a `{train['classification_head']}`
+head (`classification_head`: `simple`, `roi` or `attention`; docs/bundles.md of autoplan describes them) on the
+segmentation encoder; the lesion is labels {train['lesion_labels']} (`lesion_labels`). The loss is the
+segmentation loss plus `classification_weight` ({train['classification_weight']}) x cross-entropy
+(`classification_class_weights`: {json.dumps(train['classification_class_weights'])}). Each validation logs the
+classification accuracy and macro-F1 of the validation patches holding a lesion, in `eval/progress.png` and
+`eval/progress.json`. Inference also writes `classification.csv` (`case,class,p_0,...`) to `output_dir`: the
+sliding windows' and mirrored copies' class probabilities averaged with the predicted lesion mass of each as weight.
+The head is part of the network: train and infer with the same `classification_head`.
+"""

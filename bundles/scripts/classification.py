@@ -623,3 +623,63 @@ class ClassificationOutputd:
             case = case_name(getattr(d.get(self.name_key), "meta", {}))["subject"]
             update_classification_csv(self.output_dir / CSV_NAME, case, probabilities)
         return d
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+def evaluate_classification(cases, csv_path, classification: dict) -> dict:
+    """summary.json's ``classification`` for the evaluated ``cases``: the rows of ``csv_path``
+    (``classification.csv``) against dataset.json's ``classification`` block (``names``, ``cases``).
+
+    ``macro_f1`` is the mean F1 over every declared class (scikit-learn's ``f1_score(average="macro",
+    labels=<all declared classes>, zero_division=0)``); ``confusion_matrix`` has the reference classes as rows.
+    A case missing from the CSV, or without a reference class, is a ValueError naming it.
+    """
+    names = classification["names"]
+    num_classes = len(names)
+    table = read_classification_csv(csv_path)
+    missing = [c for c in cases if c not in table]
+    if missing:
+        raise ValueError(f"{csv_path}: no row for case(s) {', '.join(missing)}")
+    unknown = [c for c in cases if c not in classification["cases"]]
+    if unknown:
+        raise ValueError(f"dataset.json: classification 'cases' has no class for case(s) {', '.join(unknown)}")
+    wrong = [c for c in cases if not 0 <= table[c][0] < num_classes]
+    if wrong:
+        raise ValueError(f"{csv_path}: case(s) {', '.join(wrong)} have a class outside 0..{num_classes - 1}")
+    reference = [int(classification["cases"][c]) for c in cases]
+    predicted = [table[c][0] for c in cases]
+    scores = classification_scores(confusion_matrix(reference, predicted, num_classes))
+    return {"macro_f1": scores["macro_f1"], "accuracy": scores["accuracy"],
+            "f1_per_class": {str(k): v for k, v in enumerate(scores["f1_per_class"])},
+            "confusion_matrix": scores["confusion_matrix"], "num_cases": scores["num_cases"],
+            "class_names": {str(k): names[str(k)] for k in range(num_classes)},
+            "per_case": {c: {"reference": r, "predicted": p} for c, r, p in zip(cases, reference, predicted)}}
+
+
+def add_to_validation(bundle_root, output_dir, summary: dict) -> dict:
+    """After a bundle's final validation: adds ``classification`` to ``output_dir/summary.json`` and the
+    classification scores to metadata.json's ``eval_metrics`` when the bundle's dataset has classes and the
+    validation wrote ``classification.csv``. Returns the summary."""
+    import json
+
+    from .evaluation import save_summary
+
+    bundle_root, output_dir = Path(str(bundle_root)), Path(str(output_dir))
+    spec_file, csv_path = bundle_root / "configs" / "dataset.json", output_dir / CSV_NAME
+    if not spec_file.is_file() or not csv_path.is_file():
+        return summary
+    classification = json.loads(spec_file.read_text()).get("classification")
+    if not classification:
+        return summary
+    ending = json.loads((bundle_root / "configs" / "inference.json").read_text()).get("file_ending", ".nii.gz")
+    cases = [os.path.basename(c["prediction_file"])[: -len(ending)] for c in summary["metric_per_case"]]
+    summary = {**summary, "classification": evaluate_classification(cases, csv_path, classification)}
+    save_summary(summary, output_dir / "summary.json")
+    meta_file = bundle_root / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta.setdefault("eval_metrics", {}).update(classification_macro_f1=summary["classification"]["macro_f1"],
+                                               classification_accuracy=summary["classification"]["accuracy"])
+    tmp = meta_file.with_name(f".metadata.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(meta, indent=4))
+    os.replace(tmp, meta_file)
+    return summary
