@@ -445,9 +445,10 @@ class MultiTaskProgress(TrainingProgress):
 # --- inference -------------------------------------------------------------------------------------------------
 def aggregate_class_probabilities(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The case's class probabilities (K,) from every window pass's probabilities (N, K) and weights (N,): the
-    weighted mean (weights = predicted lesion mass + ``EMPTY_WEIGHT``). Sums to 1 as each row does."""
+    weighted mean (weights = predicted lesion mass + ``EMPTY_WEIGHT``), renormalised to sum to 1."""
     probabilities, weights = probabilities.double(), weights.double()
-    return (probabilities * weights[:, None]).sum(0) / weights.sum()
+    mean = (probabilities * weights[:, None]).sum(0) / weights.sum()
+    return mean / mean.sum()  # float32 softmax rows sum to 1 only within ~1e-7
 
 
 class _WindowRecorder(nn.Module):
