@@ -397,7 +397,8 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
 
 
 def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), splits_file=None,
-         authors: str | None = None, copyright: str | None = None, classification_head: str | None = None) -> list[Path]:
+         authors: str | None = None, copyright: str | None = None,
+         classification_head: str | None = None) -> list[Path]:
     """Emit bundles for the chosen configurations and folds; writes ``out/splits_final.json`` too. ``authors`` and
     ``copyright`` go into metadata.json (only the user can say who owns the model). A dataset with a
     ``classification`` block gets multi-task bundles with ``classification_head`` (simple, roi or attention)."""
