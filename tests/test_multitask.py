@@ -194,6 +194,22 @@ def test_trained_bundles_log_classification_and_score_their_validation(multitask
             assert any(k.startswith("classification.") for k in state)
 
 
+def test_custom_splits_and_a_bad_head(multitask, tmp_path):
+    raw, bundles = multitask
+    plans = bundles[("3d_fullres", 0)].parents[1] / "nnUNetPlans.json"
+    cases = sorted(json.loads((raw / "dataset.json").read_text())["classification"]["cases"])
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps([{"train": cases[:4], "val": cases[4:]}, {"train": cases[2:], "val": cases[:2]}]))
+    (bundle,) = emit(plans, raw, tmp_path / "out", ["3d_fullres"], [1], splits_file=splits,
+                     classification_head="attention")
+    train = json.loads((bundle / "configs/train.json").read_text())
+    assert train["val_cases"] == cases[:2] and sorted(train["case_classes"]) == cases
+    inference = json.loads((bundle / "configs/inference.json").read_text())
+    assert inference["classification_head"] == "attention" and "case_classes" not in inference
+    with pytest.raises(ValueError, match="simple, roi, attention"):
+        emit(plans, raw, tmp_path / "other", ["3d_fullres"], [0], classification_head="big")
+
+
 def test_inference_writes_classification_csv_and_evaluate_scores_it(multitask, tmp_path):
     raw, bundles = multitask
     bundle = bundles[("3d_fullres", 0)]
@@ -319,7 +335,8 @@ def test_zoo_checks_export_and_monai_label_training(multitask, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     studies = tmp_path / "studies"
-    write_studies(raw, studies)
+    for case in write_studies(raw, studies):  # only the labelled cases, as train_request expects
+        (studies / f"{case}.nii.gz").unlink()
     log, _ = train_request(bundle, studies)  # MONAI Label's datalist: no classes (-1), segmentation trains
     assert "classification accuracy" in log
     with bundle_on_path(bundle):
