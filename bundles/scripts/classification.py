@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from ignite.metrics import Metric
 from monai.networks.nets import DynUNet
+from monai.transforms import MapTransform
 from torch import nn
 
 from .ensemble import EnsembleInferer
@@ -598,12 +599,14 @@ def average_classification_files(files, cases=None) -> dict:
     return result
 
 
-class ClassificationOutputd:
+class ClassificationOutputd(MapTransform):
     """First step of a multi-task bundle's ``postprocessing``: takes the case's class probabilities from the
     ``inferer``, puts them in the data (``class_probabilities``, ``class``) and writes the case's row to
-    ``output_dir/classification.csv``; the rest of the postprocessing is the segmentation's."""
+    ``output_dir/classification.csv``; the rest of the postprocessing is the segmentation's. A MapTransform on
+    ``pred`` (which it leaves as it is), like the steps after it, for consumers that look at the first step."""
 
-    def __init__(self, inferer, output_dir, names=(), name_key: str = "image", write: bool = True):
+    def __init__(self, inferer, output_dir, names=(), name_key: str = "image", write: bool = True, keys="pred"):
+        super().__init__(keys, allow_missing_keys=True)
         self.inferer = inferer
         self.output_dir = Path(str(output_dir))
         self.names = list(names)
