@@ -179,10 +179,8 @@ def apply_to_metadata(meta: dict, names: list[str], head: str) -> dict:
         "type": "probabilities", "format": "classes", "num_channels": len(names), "spatial_shape": [],
         "dtype": "float32", "value_range": [0, 1], "is_patch_data": False,
         "channel_def": {str(i): n for i, n in enumerate(names)}}
-    fmt.setdefault("post_processed_outputs", {})["class"] = {
-        "type": "string", "format": "classes", "num_channels": 1, "spatial_shape": [], "dtype": "string",
-        "value_range": [], "is_patch_data": False, "channel_def": {str(i): n for i, n in enumerate(names)},
-        "description": "classification.csv in output_dir: case,class,p_0..p_{K-1}"}
+    # after postprocessing: the case's probabilities (and argmax) in output_dir/classification.csv
+    fmt.setdefault("post_processed_outputs", {})["class"] = dict(fmt["outputs"]["class"])
     meta["task"] = meta["task"] + f", and case classification ({', '.join(names)})"
     meta["description"] = (meta["description"] + f" Multi-task: a '{head}' classification head predicts one of "
                            f"{len(names)} classes per case (classification.csv).")
