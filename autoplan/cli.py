@@ -42,7 +42,7 @@ def _guarded(fn, *args, **kwargs):
 
 def synthetic(out_dir, cases: int = 8, shape="48,48,32", spacing=None, channels: int = 1, modality: str = "MR",
               labels: int = 2, test_cases: int = 0, spacing_jitter: float = 0.0, seed: int = 0,
-              regions: bool = False, sparse: bool = False):
+              regions: bool = False, sparse: bool = False, classes: int = 0):
     """Generate a synthetic labelled dataset in nnU-Net v2 raw layout.
 
     Args:
@@ -58,13 +58,15 @@ def synthetic(out_dir, cases: int = 8, shape="48,48,32", spacing=None, channels:
         seed: random seed.
         regions: declare BraTS-style nested regions (region k = labels k..L) with regions_class_order.
         sparse: mark every odd axial slice unannotated with -1 (the DIAG fork's sparse labels, "ignore": -1).
+        classes: a case-level class per case (>= 2 classes; the size of structure_1 tells them apart), declared in
+            dataset.json's classification block: a multi-task dataset.
     """
     from autoplan.synthetic import make_synthetic_dataset
 
     shape, spacing = _numbers(shape, "shape"), _numbers(spacing, "spacing")
     path = _guarded(make_synthetic_dataset, out_dir, cases=cases, shape=shape, spacing=spacing, channels=channels,
                     modality=modality, labels=labels, test_cases=test_cases, spacing_jitter=spacing_jitter, seed=seed,
-                    regions=regions, sparse=sparse)
+                    regions=regions, sparse=sparse, classes=classes)
     print(f"wrote {path}")
 
 
@@ -94,6 +96,8 @@ def verify(raw_dir, processes: int = 2):
         _fail(report.problems, report.warnings)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    if report.class_counts:
+        print("classes: " + ", ".join(f"{name} {count}" for name, count in report.class_counts.items()))
     print(f"{raw_dir}: {report.num_cases} cases, no problems found")
 
 
@@ -164,7 +168,7 @@ def _names(value):
 
 
 def emit(plans, raw, out="bundles", configurations=None, folds="0,1,2,3,4", splits=None, authors=None,
-         copyright=None):
+         copyright=None, classification_head=None):
     """Emit one MONAI Bundle per configuration and fold from a plans file (ours or nnU-Net's).
 
     Args:
@@ -176,16 +180,18 @@ def emit(plans, raw, out="bundles", configurations=None, folds="0,1,2,3,4", spli
         splits: a splits_final.json to use instead of nnU-Net's 5-fold split (raw/splits_final.json is used if present).
         authors: the model's authors, written to each bundle's metadata.json (e.g. "Jane Doe, Example Hospital").
         copyright: the model's copyright line for metadata.json (e.g. "Copyright (c) 2026 Example Hospital").
+        classification_head: simple, roi (default) or attention, for a dataset with classes (docs/bundles.md).
     """
     from autoplan.emit import emit as emit_bundles
 
     for path in _guarded(emit_bundles, plans, raw, out, _names(configurations), _folds(folds), splits,
-                         authors and str(authors), copyright and str(copyright)):
+                         authors and str(authors), copyright and str(copyright),
+                         classification_head and str(classification_head)):
         print(f"wrote {path}")
 
 
 def run(raw_dir, out="work", planner: str = "default", gpu_memory_gb: float = None, processes: int = 2,
-        configurations=None, folds="0,1,2,3,4"):
+        configurations=None, folds="0,1,2,3,4", classification_head=None):
     """Verify, fingerprint, plan and emit the bundles of a dataset in one go.
 
     Args:
@@ -196,10 +202,12 @@ def run(raw_dir, out="work", planner: str = "default", gpu_memory_gb: float = No
         processes: worker processes.
         configurations: configurations to emit (default: all supported).
         folds: folds to emit, e.g. 0,1,2,3,4 or all.
+        classification_head: simple, roi (default) or attention, for a dataset with classes (docs/bundles.md).
     """
     from autoplan.pipeline import run as run_pipeline
 
-    _guarded(run_pipeline, raw_dir, out, planner, gpu_memory_gb, processes, _names(configurations), _folds(folds))
+    _guarded(run_pipeline, raw_dir, out, planner, gpu_memory_gb, processes, _names(configurations), _folds(folds),
+             classification_head and str(classification_head))
 
 
 def demo(out="demo_out", processes: int = 2, epochs: int = 5, iterations: int = 12, seed: int = 0):

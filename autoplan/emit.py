@@ -14,6 +14,7 @@ import math
 import shutil
 from pathlib import Path
 
+from autoplan import multitask
 from autoplan.dataset import DatasetError, load_dataset, parse_labels
 from autoplan.files import atomic_folder, write_json_atomic, write_text_atomic
 from autoplan.splits import fold_cases, kfold_splits, load_splits
@@ -383,18 +384,22 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
         # from another working directory without setting bundle_root)
         inference = _with_values(inference_template, {k: v for k, v in {**values, "plans": plans}.items()
                                                       if k in inference_template})
+        if "classification_head" in values:  # a multi-task dataset (autoplan.multitask)
+            train, inference = multitask.apply_to_train(train, values), multitask.apply_to_inference(inference, values)
         (configs / "train.json").write_text(json.dumps(train, indent=4))
         (configs / "inference.json").write_text(json.dumps(inference, indent=4))
         for extra in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
             shutil.copyfile(TEMPLATES / extra, configs / extra)
         (configs / "plans.json").write_text(json.dumps(plans, indent=4))
         (configs / "dataset.json").write_text(json.dumps(spec, indent=4))
-        (configs / "metadata.json").write_text(json.dumps(_metadata(name, spec, plans, configuration, values,
-                                                                    authors, copyright),
-                                                          indent=4))
+        meta = _metadata(name, spec, plans, configuration, values, authors, copyright)
+        if "classification_head" in values:
+            meta = multitask.apply_to_metadata(meta, values["classification_names"], values["classification_head"])
+        (configs / "metadata.json").write_text(json.dumps(meta, indent=4))
         shutil.copytree(SCRIPTS, tmp / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / "docs").mkdir()
-        (tmp / "docs" / "README.md").write_text(_readme(name, spec, plans, configuration, train, inference))
+        (tmp / "docs" / "README.md").write_text(_readme(name, spec, plans, configuration, train, inference)
+                                                + multitask.readme_section(train))
         if spec.get("licence") or spec.get("license"):
             (tmp / "docs" / "data_license.txt").write_text(str(spec.get("licence") or spec.get("license")) + "\n")
         (tmp / "LICENSE").write_text(MIT_LICENSE)
@@ -403,15 +408,20 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
 
 
 def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), splits_file=None,
-         authors: str | None = None, copyright: str | None = None) -> list[Path]:
+         authors: str | None = None, copyright: str | None = None,
+         classification_head: str | None = None) -> list[Path]:
     """Emit bundles for the chosen configurations and folds; writes ``out/splits_final.json`` too. ``authors`` and
-    ``copyright`` go into metadata.json (only the user can say who owns the model)."""
+    ``copyright`` go into metadata.json (only the user can say who owns the model). A dataset with a
+    ``classification`` block gets multi-task bundles with ``classification_head`` (simple, roi or attention)."""
     plans = json.loads(Path(plans_file).read_text())
     raw_dir, out = Path(raw_dir), Path(out)
     dataset = load_dataset(raw_dir)
     if dataset.problems:
         raise DatasetError(dataset.problems, dataset.warnings)
     case_ids = [c.identifier for c in dataset.cases]
+    problems = multitask.check_classification(dataset.spec, case_ids, str(dataset.json_path))
+    if problems:
+        raise DatasetError(problems)
     available = list(plans["configurations"])
     configurations = list(configurations or available)
     for c in configurations:
@@ -428,6 +438,8 @@ def emit(plans_file, raw_dir, out, configurations=None, folds=(0, 1, 2, 3, 4), s
         for fold in folds:
             train, val = fold_cases(splits, fold, case_ids)
             values = bundle_values(plans, configuration, dataset.spec, fold, train, val, len(splits))
+            if multitask.has_classes(dataset.spec):
+                values.update(multitask.classification_values(dataset.spec, values, classification_head))
             name = f"{plans['dataset_name']}_{configuration}_fold{fold}"
             written.append(write_bundle(out, name, plans, dataset.spec, configuration, values, authors, copyright))
     return written

@@ -17,6 +17,7 @@ import numpy as np
 from autoplan.dataset import DatasetError, load_dataset
 from autoplan.files import write_json_atomic
 from autoplan.parallel import map_cases
+from autoplan.multitask import check_classification, class_distribution, has_classes
 from autoplan.verify import read_checked_case
 from bundles.scripts.cropping import crop_to_nonzero
 
@@ -108,6 +109,7 @@ def extract_fingerprint(raw_dir, processes: int = 2) -> tuple[dict, list[str]]:
             pooled[c].append(samples)
             pooled_weights[c].append(np.full(len(samples), result["weight"], np.float32))
         per_case.append(result)
+    problems += check_classification(dataset.spec, [c.identifier for c in dataset.cases], str(dataset.json_path))
     if problems:
         raise DatasetError(problems, warnings)
     intensity = {}
@@ -124,6 +126,8 @@ def extract_fingerprint(raw_dir, processes: int = 2) -> tuple[dict, list[str]]:
         "median_relative_size_after_cropping": float(np.median([r["relative_size"] for r in per_case])),
         # Extra keys (nnU-Net ignores them): which case is which, and per-case statistics.
         "case_identifiers": [r["case"] for r in per_case],
+        **({"class_distribution": class_distribution(dataset.spec, [r["case"] for r in per_case])}
+           if has_classes(dataset.spec) else {}),
         "per_case": [
             {"class_voxel_counts": r["class_voxel_counts"],
              "foreground_intensity_per_channel": {str(c): s for c, s in enumerate(r["intensity_stats"])},

@@ -21,8 +21,9 @@ def plan_files(dataset_json, fingerprint, out, planner: str = "default", gpu_mem
 
 
 def run(raw_dir, out, planner: str = "default", gpu_memory_gb: float | None = None, processes: int = 2,
-        configurations=None, folds=(0, 1, 2, 3, 4)) -> Path:
-    """Verify and fingerprint ``raw_dir``, plan into ``out`` and emit bundles into ``out/bundles``.
+        configurations=None, folds=(0, 1, 2, 3, 4), classification_head: str | None = None) -> Path:
+    """Verify and fingerprint ``raw_dir``, plan into ``out`` and emit bundles into ``out/bundles`` (multi-task
+    bundles with ``classification_head`` when dataset.json has a ``classification`` block).
 
     Returns the plans path.
     """
@@ -40,7 +41,8 @@ def run(raw_dir, out, planner: str = "default", gpu_memory_gb: float | None = No
     print(f"wrote {fingerprint_path} and {plans_path}")
     from autoplan.emit import emit
 
-    bundles = emit(plans_path, raw_dir, out / "bundles", configurations, folds)
+    bundles = emit(plans_path, raw_dir, out / "bundles", configurations, folds,
+                   classification_head=classification_head)
     print(f"wrote {len(bundles)} bundles to {out / 'bundles'}")
     return plans_path
 

@@ -3,6 +3,8 @@
 Each case is a body (an ellipsoid; zero outside it for MR, air at -1000 HU for CT) holding several labelled
 ellipsoidal structures whose sizes are set in millimetres, so anisotropic spacings give anisotropic voxel shapes.
 Every channel gives the structures a different contrast. 2-D shapes are written as PNG files.
+With ``classes`` (K >= 2) every training case also gets a case-level class, learnable from the image: the size of
+``structure_1`` (class 0 smallest, class K-1 largest), declared in dataset.json's ``classification`` block.
 """
 
 from __future__ import annotations
@@ -37,16 +39,23 @@ def _smooth_field(rng, shape, strength: float) -> np.ndarray:
     return 1.0 + strength * field / max(len(grids), 1)
 
 
+def class_size_range(cls: int, classes: int) -> tuple[float, float]:
+    """The relative radius range of ``structure_1`` for a case of class ``cls`` of ``classes``: disjoint bins of
+    0.16..0.44 of the body's radii, each trimmed by 15 % on both sides so that the classes do not touch."""
+    low, width = 0.16, (0.44 - 0.16) / classes
+    return low + width * (cls + 0.15), low + width * (cls + 0.85)
+
+
 def _place_structures(rng, shape_zyx, spacing_zyx, body, body_center, body_radii, num_labels: int,
-                      structure_size, separate: bool) -> np.ndarray:
+                      structure_size, separate: bool, first_size=None) -> np.ndarray:
     """The label map: ``num_labels`` ellipsoids inside the body; with ``separate``, no two of them touch.
 
     Separate structures are drawn again, all together, until they fit apart (a later one cannot crowd out an earlier).
     """
     for _ in range(1000 if separate else 1):
         placed = []
-        for _ in range(num_labels):
-            radii = body_radii * rng.uniform(*structure_size, 3)
+        for k in range(num_labels):
+            radii = body_radii * rng.uniform(*(first_size if first_size and k == 0 else structure_size), 3)
             spread = rng.uniform(-0.9, 0.9, 3) if separate else rng.uniform(-0.45, 0.45, 3)
             placed.append((body_center + spread * (body_radii - radii), radii))
         if not separate or all(np.linalg.norm(c1 - c2) > r1.max() + r2.max()
@@ -61,18 +70,18 @@ def _place_structures(rng, shape_zyx, spacing_zyx, body, body_center, body_radii
 
 
 def make_case(rng, shape_zyx, spacing_zyx, num_channels: int, num_labels: int, modality: str,
-              structure_size=(0.25, 0.4), separate: bool = False):
+              structure_size=(0.25, 0.4), separate: bool = False, first_size=None):
     """One case: a list of channel arrays (float32) and a uint8 label map, arrays in (z, y, x) order.
 
     ``structure_size`` is the range of a structure's radii relative to the body's; ``separate`` keeps structures apart
-    (by default a later one may cover part of an earlier one).
+    (by default a later one may cover part of an earlier one); ``first_size``, if given, is ``structure_1``'s range.
     """
     extent = np.array(shape_zyx) * np.array(spacing_zyx)
     body_center = extent / 2 + rng.uniform(-0.05, 0.05, 3) * extent
     body_radii = extent * rng.uniform(0.38, 0.45, 3)
     body = _ellipsoid(shape_zyx, spacing_zyx, body_center, body_radii)
     label = _place_structures(rng, shape_zyx, spacing_zyx, body, body_center, body_radii, num_labels, structure_size,
-                              separate)
+                              separate, first_size)
     channels = []
     for c in range(num_channels):
         if modality.upper() == "CT":
@@ -111,7 +120,7 @@ def _write(array: np.ndarray, path: Path, spacing_zyx, origin_xyz, is_2d: bool):
 def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=None, channels: int = 1,
                            modality: str = "MR", labels: int = 2, test_cases: int = 0, spacing_jitter: float = 0.0,
                            seed: int = 0, structure_size=(0.25, 0.4), separate: bool = False,
-                           regions: bool = False, sparse: bool = False) -> Path:
+                           regions: bool = False, sparse: bool = False, classes: int = 0) -> Path:
     """Write a dataset to ``out_dir`` (which must not exist yet). Shape and spacing are given as (x, y, z).
 
     ``spacing`` defaults to 1 mm on every axis. ``spacing_jitter`` varies each case's spacing by up to that fraction;
@@ -120,6 +129,9 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
     ``regions`` declares BraTS-style nested regions instead of labels: region k holds labels k..L
     (``regions_class_order`` 1..L). ``sparse`` marks every odd axial slice unannotated with -1 (the DIAG fork's
     sparse labels, declared as ``"ignore": -1``); 3-D only.
+    ``classes`` (>= 2) adds a case-level class (``class_0`` ...) set by the size of ``structure_1``
+    (``class_size_range``); the classes take turns over the cases, shuffled, so they are balanced. The classes of
+    the test cases are written to ``imagesTs_classes.json`` (not part of nnU-Net's layout).
     The folder appears complete or not at all.
     """
     out_dir = Path(out_dir)
@@ -132,18 +144,22 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
         raise ValueError("cases, channels and labels must be at least 1")
     if sparse and is_2d:
         raise ValueError("sparse labels (-1) need a 3-D dataset: PNG label files cannot hold -1")
+    if classes == 1 or classes < 0:
+        raise ValueError(f"classes must be 0 (none) or at least 2, got {classes}")
     shape_zyx = (1,) + tuple(shape[::-1]) if is_2d else tuple(shape[::-1])
     spacing_zyx = (1.0,) + tuple(spacing[::-1]) if is_2d else tuple(spacing[::-1])
     ending = ".png" if is_2d else ".nii.gz"
     rng = np.random.default_rng(seed)
+    case_class = [int(c) for c in rng.permutation(np.arange(cases + test_cases) % classes)] if classes else []
     with atomic_folder(out_dir) as tmp:
         for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test_cases else ()):
             (tmp / sub).mkdir()
         for i in range(cases + test_cases):
             case_shape = tuple(max(int(round(s * rng.uniform(0.9, 1.1))), 8) if s > 1 else 1 for s in shape_zyx)
             case_spacing = tuple(s * rng.uniform(1 - spacing_jitter, 1 + spacing_jitter) for s in spacing_zyx)
+            first_size = class_size_range(case_class[i], classes) if classes else None
             images, label = make_case(rng, case_shape, case_spacing, channels, labels, modality, structure_size,
-                                      separate)
+                                      separate, first_size)
             origin = tuple(rng.uniform(-50, 50, 3))
             training = i < cases
             name = f"case_{i:03d}"
@@ -168,5 +184,11 @@ def make_synthetic_dataset(out_dir, cases: int = 8, shape=(48, 48, 32), spacing=
             "file_ending": ending,
             "licence": "CC0 (synthetic)",
         }
+        if classes:
+            spec["classification"] = {"names": {str(k): f"class_{k}" for k in range(classes)},
+                                      "cases": {f"case_{i:03d}": case_class[i] for i in range(cases)}}
+            if test_cases:
+                (tmp / "imagesTs_classes.json").write_text(json.dumps(
+                    {f"case_{i:03d}": case_class[i] for i in range(cases, cases + test_cases)}, indent=4) + "\n")
         (tmp / "dataset.json").write_text(json.dumps(spec, indent=4) + "\n")
     return out_dir

@@ -13,6 +13,7 @@ import numpy as np
 
 from autoplan.dataset import SPARSE_MARKER, Case, DatasetError, Labels, load_dataset
 from autoplan.image_io import Geometry, ImageReadError, count_nonfinite, read_array, read_images
+from autoplan.multitask import check_classification, class_distribution
 from autoplan.parallel import map_cases
 
 
@@ -21,6 +22,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     num_cases: int = 0
+    class_counts: dict = field(default_factory=dict)  # cases per class (dataset.json's classification block)
 
     @property
     def ok(self) -> bool:
@@ -124,6 +126,9 @@ def verify_dataset(root, processes: int = 2) -> Report:
     except DatasetError as exc:
         return Report(exc.problems, exc.warnings)
     report = Report(list(dataset.problems), list(dataset.warnings), num_cases=len(dataset.cases))
+    case_ids = [c.identifier for c in dataset.cases]
+    report.problems += check_classification(dataset.spec, case_ids, str(dataset.json_path))
+    report.class_counts = class_distribution(dataset.spec, case_ids)
     jobs = [(case, dataset.labels) for case in dataset.complete_cases]
     for problems, warnings in map_cases(_check_case_job, jobs, processes, desc="verify"):
         report.problems += problems

@@ -40,6 +40,11 @@ keep-largest-component steps from ``--postprocessing`` (the ``postprocessing.jso
 config itself, so nothing is read relative to ``bundle_root``), ``models/model.pt`` the members' weights (keys
 ``members.<i>.*``), ``scripts/`` the repository's ``bundles/scripts``.
 
+**Multi-task bundles** (a dataset with classes, ``classification.csv`` beside the label maps): predict and
+make-bundle average the class probabilities as the segmentation's, the folds of a configuration first, then the
+configurations (members that only feed a cascade do not count); average writes the mean of the folders'
+``classification.csv`` rows when every folder has one. Members must declare the same class names.
+
 Bad input (no bundles, a folder that is not a trained bundle, members with different labels or channels, no common
 npz, a missing reference image) prints ``error: ...`` naming the file and exits with status 2. Outputs are written
 atomically: files are produced in a temporary folder and moved into place with ``os.replace`` / ``rename``.
@@ -136,6 +141,12 @@ def read_member(bundle, averaged: bool = True) -> dict:
         "inferer": inferer,
         "plans": plans,
     }
+    if "classification_head" in inference:  # a multi-task bundle (autoplan.multitask)
+        member["classification"] = {
+            "head": _literal(inference, "classification_head", inference_path),
+            "num_classification_classes": int(_literal(inference, "num_classification_classes", inference_path)),
+            "lesion_labels": list(_literal(inference, "lesion_labels", inference_path)),
+            "sigma": float(_literal(inference, "classification_sigma", inference_path, 1.0))}
     return {"bundle": bundle, "member": member, "spec": spec, "num_channels": num_channels,
             "file_ending": spec.get("file_ending", _literal(inference, "file_ending", inference_path)),
             "dataset_dir": inference.get("dataset_dir", ""), "train": train}
@@ -154,6 +165,7 @@ def check_compatible(infos: list) -> None:
         for what, get in (("labels", lambda i: i["spec"].get("labels")),
                           ("channel_names", lambda i: _channels(i["spec"])),
                           ("regions_class_order", lambda i: i["spec"].get("regions_class_order")),
+                          ("classification names", lambda i: (i["spec"].get("classification") or {}).get("names")),
                           ("file_ending", lambda i: i["file_ending"]),
                           ("number of outputs", lambda i: i["member"]["num_classes"])):
             if get(info) != get(first):
@@ -262,6 +274,10 @@ def ensemble_config(infos: list, postprocessing: dict | None = None) -> dict:
         values["dataset_dir"] = dataset_dir
     for key, value in values.items():
         config[key] = value
+    if any(info["member"].get("classification") for info in infos):  # multi-task members: classification.csv too
+        from autoplan.multitask import apply_to_inference, class_names
+
+        config = apply_to_inference(config, {"classification_names": class_names(first["spec"])}, ensemble=True)
     return config
 
 
@@ -377,6 +393,8 @@ def average(*folders, output_dir=None, dataset_json=None, reference_images=None,
             the first folder's CASE<ending> label maps).
         file_ending: e.g. .nii.gz (default: from dataset.json, else from the first folder's files).
         save_probabilities: also write the averaged CASE.npz.
+
+    When every folder holds a classification.csv (multi-task bundles), the output gets their mean, case by case.
     """
     from bundles.scripts.ensemble import (average_probability_files, common_cases, probabilities_to_labels,
                                           save_probabilities_npz, write_label_map)
@@ -422,10 +440,25 @@ def average(*folders, output_dir=None, dataset_json=None, reference_images=None,
             write_label_map(seg, references[case], tmp / f"{case}{ending}")
             if save_probabilities:
                 save_probabilities_npz(probabilities, tmp / f"{case}.npz")
+        average_classification(folders, cases, tmp)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {len(cases)} averaged case(s) from {len(folders)} folder(s) to {out}")
+
+
+def average_classification(folders: list, cases: list, out: Path) -> None:
+    """Multi-task predictions: ``out/classification.csv`` with the mean class probabilities of ``cases`` over every
+    folder's ``classification.csv`` (when every folder has one)."""
+    from bundles.scripts.classification import CSV_NAME, average_classification_files, write_classification_csv
+
+    files = [Path(f) / CSV_NAME for f in folders]
+    if not all(f.is_file() for f in files):
+        return
+    try:
+        write_classification_csv(out / CSV_NAME, average_classification_files(files, cases))
+    except ValueError as exc:
+        raise ToolError(str(exc)) from None
 
 
 def _spatial_dims(infos: list) -> int:
@@ -489,6 +522,11 @@ def _readme(name: str, infos: list, postprocessing: dict | None, single_group: b
     from autoplan.emit import deploy_docs, monai_label_docs, safety_docs
 
     first = infos[0]["member"]
+    classification_text = ("""
+Classification: the members with a classification head also predict each case's class; the folds of a configuration
+average their class probabilities, then the configurations average theirs, and `classification.csv`
+(`case,class,p_0,...`) is written to `output_dir`.
+""" if any(info["member"].get("classification") for info in infos) else "")
     multi_group_deploy = """## MONAI Deploy
 Pass this folder as `bundle_path` to MONAI Deploy's `MonaiBundleInferenceOperator` (the operator puts it on
 `sys.path` and loads `models/model.pt`); it runs from any working directory, and a channel-less image gets its
@@ -515,7 +553,7 @@ configuration, `network_def`'s forward is the folds' mean logits, so `python -m 
 network_def --meta_file configs/metadata.json --config_file configs/inference.json` checks it.
 
 Postprocessing: {pp_text}.
-
+{classification_text}
 ## Infer
 
     python -m monai.bundle run --config_file configs/inference.json --dataset_dir /path/to/imagesTs --output_dir out

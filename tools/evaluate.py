@@ -35,8 +35,16 @@ Outputs, each written atomically (temporary file, then ``os.replace``):
   absent, and ``foreground_mean.HD95`` is ``inf`` if any label's mean is; ``summary.csv`` has the per-case values for
   other aggregations. JSON holds ``NaN`` and ``Infinity`` literals (as nnU-Net's own summary holds ``NaN``).
   Volumes with a single slice (2-D data stored as 3-D) are measured in 2-D, so the slice is not all edge.
-* ``<stem>.csv`` next to it: one row per case and label/region with every metric.
-* ``<stem>_dice.png`` next to it: per-label Dice distribution over cases (box plot with the cases as points).
+* ``classification`` in ``summary.json`` when dataset.json has a ``classification`` block (a multi-task dataset)
+  and ``PRED_DIR/classification.csv`` exists (what multi-task bundles write): ``macro_f1`` (mean F1 over every
+  declared class, a class never referenced nor predicted counting 0: scikit-learn's ``f1_score(average="macro",
+  labels=<all declared classes>, zero_division=0)``), ``f1_per_class``, ``accuracy``, ``confusion_matrix`` (rows:
+  reference class), ``class_names``, ``num_cases`` and ``per_case``, over the evaluated cases. A case missing from
+  the CSV is bad input naming it.
+* ``<stem>.csv`` next to it: one row per case and label/region with every metric (plus ``reference_class`` and
+  ``predicted_class`` with a classification).
+* ``<stem>_dice.png`` next to it: per-label Dice distribution over cases (box plot with the cases as points), and the
+  classification's confusion matrix beside it.
 
 Bad input (missing/unreadable dataset.json or image, a missing prediction without ``--chill``, a prediction whose
 size, spacing, origin or direction differs from its reference) prints one line per problem naming the file and
@@ -354,12 +362,15 @@ def summary_csv(summary: dict, names: dict, file_ending: str) -> str:
     """One row per case and label/region: identifiers, files and every metric (``nan``/``inf`` spelt out)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "label", "name", *CSV_METRICS, "reference_file", "prediction_file"])
+    classes = (summary.get("classification") or {}).get("per_case")
+    extra = ["reference_class", "predicted_class"] if classes is not None else []
+    writer.writerow(["case", "label", "name", *CSV_METRICS, "reference_file", "prediction_file", *extra])
     for case in summary["metric_per_case"]:
+        case_id = _case_id(case["prediction_file"], file_ending)
+        row_extra = [classes[case_id]["reference"], classes[case_id]["predicted"]] if classes is not None else []
         for key, metrics in case["metrics"].items():
-            writer.writerow([_case_id(case["prediction_file"], file_ending), key, names.get(key, key),
-                             *[metrics.get(m, "") for m in CSV_METRICS], case["reference_file"],
-                             case["prediction_file"]])
+            writer.writerow([case_id, key, names.get(key, key), *[metrics.get(m, "") for m in CSV_METRICS],
+                             case["reference_file"], case["prediction_file"], *row_extra])
     return buffer.getvalue()
 
 
@@ -370,8 +381,14 @@ def dice_plot(summary: dict, names: dict) -> bytes:
     keys = list(summary["mean"])
     values = [[c["metrics"][k]["Dice"] for c in summary["metric_per_case"]] for k in keys]
     values = [[v for v in vs if v is not None and math.isfinite(v)] for vs in values]
-    fig = Figure(figsize=(max(4.0, 1.2 * len(keys) + 2), 4.0), dpi=100)
-    ax = fig.subplots()
+    classification = summary.get("classification")
+    width = max(4.0, 1.2 * len(keys) + 2)
+    fig = Figure(figsize=(width + (4.5 if classification else 0), 4.0), dpi=100)
+    if classification:
+        ax, cm_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [width, 4.5]})
+        _confusion_plot(cm_ax, classification)
+    else:
+        ax = fig.subplots()
     positions = list(range(1, len(keys) + 1))
     shown = [(p, v) for p, v in zip(positions, values) if v]
     if shown:
@@ -394,6 +411,22 @@ def dice_plot(summary: dict, names: dict) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
+
+
+def _confusion_plot(ax, classification: dict) -> None:
+    """The classification's confusion matrix (rows: reference), with macro-F1 and accuracy in the title."""
+    matrix = np.asarray(classification["confusion_matrix"])
+    names = [classification["class_names"][str(k)] for k in range(len(matrix))]
+    ax.imshow(matrix, cmap="Blues")
+    for (r, c), value in np.ndenumerate(matrix):
+        ax.text(c, r, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=8, rotation=30)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("reference class")
+    ax.set_title(f"macro-F1 {classification['macro_f1']:.4f}, accuracy {classification['accuracy']:.4f}", fontsize=10)
 
 
 def output_paths(out) -> tuple[Path, Path, Path]:
@@ -454,6 +487,9 @@ def evaluate_predictions(reference_dir, prediction_dir, dataset_json, out=None, 
         for key, metrics in case["metrics"].items():
             metrics.update(extra[key])
     summary = evaluation.summarize(summary["metric_per_case"], keys)  # means of the extra keys, same rules
+    classification = classification_summary(summary, spec, prediction_dir)
+    if classification is not None:
+        summary["classification"] = classification
 
     json_path, csv_path, png_path = output_paths(out)
     names = label_names(labels)
@@ -463,6 +499,24 @@ def evaluate_predictions(reference_dir, prediction_dir, dataset_json, out=None, 
     return summary
 
 
+def classification_summary(summary: dict, spec: dict, prediction_dir):
+    """summary.json's ``classification`` (``bundles.scripts.classification.evaluate_classification``) when
+    dataset.json has a ``classification`` block and ``PRED_DIR/classification.csv`` exists, else None."""
+    from bundles.scripts.classification import CSV_NAME, evaluate_classification
+
+    csv_file = Path(os.fspath(prediction_dir)) / CSV_NAME
+    if not spec.get("classification") or not csv_file.is_file():
+        return None
+    ending = spec["file_ending"]
+    cases = [_case_id(c["prediction_file"], ending) for c in summary["metric_per_case"]]
+    try:
+        return evaluate_classification(cases, csv_file, spec["classification"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"dataset.json: malformed 'classification' block ({exc!r})") from None
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
 def _report(summary: dict, out: Path, names: dict) -> str:
     lines = [f"{'label':<24}{'Dice':>9}{'IoU':>9}{'HD95 mm':>10}{'NSD':>9}"]
     for key, m in summary["mean"].items():
@@ -470,6 +524,10 @@ def _report(summary: dict, out: Path, names: dict) -> str:
                      f"{m['NSD']:>9.4f}")
     fg = summary["foreground_mean"]
     lines.append(f"{'foreground mean':<24}{fg['Dice']:>9.4f}{fg['IoU']:>9.4f}{fg['HD95']:>10.3f}{fg['NSD']:>9.4f}")
+    if "classification" in summary:
+        c = summary["classification"]
+        lines.append(f"classification: macro-F1 {c['macro_f1']:.4f}, accuracy {c['accuracy']:.4f} "
+                     f"({c['num_cases']} cases)")
     json_path, csv_path, png_path = output_paths(out)
     lines.append(f"{len(summary['metric_per_case'])} cases; wrote {json_path}, {csv_path.name}, {png_path.name}")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ Usage (``python tools/find_best.py`` takes the same arguments)::
 
     autoplan select BUNDLES_DIR [--configurations 2d,3d_fullres] [--folds 0,1,2,3,4] [--dataset-dir RAW]
                     [--dataset NAME] [--disable-ensembling] [--processes 1] [--device cpu] [--no-bundle]
+                    [--criterion dice|dice_f1]
 
 ``BUNDLES_DIR`` holds the trained fold bundles ``<Dataset>_<configuration>_fold<k>`` (what ``autoplan run`` emits
 into ``WORK/bundles``). Steps:
@@ -24,7 +25,10 @@ into ``WORK/bundles``). Steps:
    with TTA of the fold's validation cases plus a few seconds of start-up). The new ``eval/validation`` replaces the
    old one (swapped in by rename). Missing validation label maps are regenerated the same way.
 4. Best = highest score (NaN counts as lowest); ties go to the first in order, single configurations before
-   ensembles.
+   ensembles. Multi-task bundles (a dataset with classes): the folds' ``classification.csv`` are merged (and
+   averaged for a pair) like the label maps, every candidate's classification macro-F1 is reported beside its Dice,
+   and the choice stays by Dice unless ``--criterion dice_f1`` scores each candidate by the mean of its foreground
+   mean Dice and its macro-F1.
 5. Postprocessing on the best (spec 7.3): keep the largest connected component of all foreground (full
    connectivity), accepted iff the foreground mean Dice strictly increases and no label's mean Dice decreases; then,
    with more than one label, keep the largest component of each label in turn on the current best result, accepted
@@ -208,14 +212,34 @@ def collect_crossval(config: str, facts_by_fold: dict, out: Path) -> dict:
             npz[case] = folder / f"{case}.npz" if (folder / f"{case}.npz").is_file() else None
     if not owner:
         raise ToolError(f"configuration {config}: no validation predictions in its folds' eval/validation")
+    merge_classification([f["bundle"] / "eval" / "validation" for _, f in sorted(facts_by_fold.items())], out)
     return npz
 
 
-def evaluate(folder: Path, labels_dir: Path, spec: dict, processes: int) -> dict:
-    from bundles.scripts.evaluation import evaluate_folder
+def merge_classification(folders: list, out: Path) -> None:
+    """Multi-task folds: their validation ``classification.csv`` rows together in ``out/classification.csv``."""
+    from bundles.scripts.classification import CSV_NAME, read_classification_csv, write_classification_csv
 
-    return evaluate_folder(labels_dir, folder, spec.get("file_ending", ".nii.gz"), spec["labels"],
-                           processes=processes, output_file=folder / "summary.json", chill=True)
+    files = [Path(f) / CSV_NAME for f in folders if (Path(f) / CSV_NAME).is_file()]
+    if files:
+        rows = {case: p for f in files for case, (_, p) in read_classification_csv(f).items()}
+        write_classification_csv(out / CSV_NAME, rows)
+
+
+def evaluate(folder: Path, labels_dir: Path, spec: dict, processes: int) -> dict:
+    from bundles.scripts.evaluation import evaluate_folder, save_summary
+    from tools.evaluate import InputError, classification_summary
+
+    summary = evaluate_folder(labels_dir, folder, spec.get("file_ending", ".nii.gz"), spec["labels"],
+                              processes=processes, output_file=folder / "summary.json", chill=True)
+    try:
+        classification = classification_summary(summary, spec, folder)  # multi-task: folder/classification.csv
+    except InputError as exc:
+        raise ToolError("; ".join(exc.problems)) from None
+    if classification is not None:
+        summary["classification"] = classification
+        save_summary(summary, folder / "summary.json")
+    return summary
 
 
 def score(summary: dict) -> float:
@@ -223,15 +247,33 @@ def score(summary: dict) -> float:
     return value
 
 
+CRITERIA = ("dice", "dice_f1")
+
+
+def macro_f1(summary: dict):
+    """The classification's macro-F1 of a summary (None without a classification)."""
+    classification = summary.get("classification")
+    return None if classification is None else float(classification["macro_f1"])
+
+
+def candidate_score(dice: float, f1, criterion: str) -> float:
+    """``dice``: the foreground mean Dice (nnU-Net's). ``dice_f1``: the mean of foreground mean Dice and the
+    classification's macro-F1 (the Dice alone for a candidate without a classification)."""
+    if criterion == "dice_f1" and f1 is not None:
+        return (dice + f1) / 2
+    return dice
+
+
 def _sort_key(value: float) -> float:
     return -math.inf if math.isnan(value) else value
 
 
-def best_candidate(results: list) -> dict:
-    """The highest foreground mean Dice; NaN is lowest; ties keep the first (singles come before ensembles)."""
+def best_candidate(results: list, key: str = "foreground_mean_dice") -> dict:
+    """The highest ``key`` (foreground mean Dice); NaN is lowest; ties keep the first (singles come before
+    ensembles)."""
     best = results[0]
     for result in results[1:]:
-        if _sort_key(result["foreground_mean_dice"]) > _sort_key(best["foreground_mean_dice"]):
+        if _sort_key(result[key]) > _sort_key(best[key]):
             best = result
     return best
 
@@ -254,6 +296,7 @@ def ensemble_pair(a: str, b: str, npz: dict, crossval: dict, out: Path, spec: di
         probabilities = average_probability_files(files)
         seg = probabilities_to_labels(probabilities, spec.get("labels"), spec.get("regions_class_order"))
         write_label_map(seg, crossval[a] / f"{case}{ending}", out / f"{case}{ending}")
+    ensemble.average_classification([crossval[a], crossval[b]], sorted(npz[a]), out)
 
 
 # --- postprocessing --------------------------------------------------------------------------------------------
@@ -331,14 +374,19 @@ def _fmt(value) -> str:
 
 def report_markdown(report: dict) -> str:
     labels = list(report["candidates"][0]["mean_dice"]) if report["candidates"] else []
+    f1 = any(c.get("macro_f1") is not None for c in report["candidates"])
+    criterion = ("mean of foreground mean Dice and classification macro-F1" if report.get("criterion") == "dice_f1"
+                 else "foreground mean Dice")
     lines = [f"# Model selection for {report['dataset']}", "",
-             f"Folds {report['folds']}; score = foreground mean Dice of the cross-validation predictions "
-             f"(nnU-Net's find_best_configuration).", "",
-             "| candidate | kind | foreground mean Dice | " + " | ".join(f"Dice {l}" for l in labels) + " |",
-             "|---|---|---|" + "---|" * len(labels)]
+             f"Folds {report['folds']}; score = {criterion} of the cross-validation predictions "
+             f"(nnU-Net's find_best_configuration{' chooses by Dice alone' if f1 else ''}).", "",
+             "| candidate | kind | foreground mean Dice | " + ("classification macro-F1 | " if f1 else "")
+             + " | ".join(f"Dice {l}" for l in labels) + " |",
+             "|---|---|---|" + ("---|" if f1 else "") + "---|" * len(labels)]
     for c in report["candidates"]:
         mark = " **(best)**" if c["name"] == report["best"]["name"] else ""
         lines.append(f"| {c['name']}{mark} | {c['kind']} | {_fmt(c['foreground_mean_dice'])} | "
+                     + (f"{_fmt(c.get('macro_f1'))} | " if f1 else "")
                      + " | ".join(_fmt(c["mean_dice"].get(l)) for l in labels) + " |")
     for s in report["skipped"]:
         lines.append(f"\nSkipped {s['configuration']}: {s['reason']}.")
@@ -384,7 +432,8 @@ def _as_list(value, cast=str):
 
 
 def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None, dataset=None,
-           disable_ensembling: bool = False, processes: int = 1, device=None, no_bundle: bool = False):
+           disable_ensembling: bool = False, processes: int = 1, device=None, no_bundle: bool = False,
+           criterion: str = "dice"):
     """Find the best configuration or pair of configurations by cross-validation Dice, its postprocessing, and
     package it as one bundle (nnU-Net's find_best_configuration).
 
@@ -398,7 +447,11 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
         processes: evaluation worker processes.
         device: device for regenerated validation predictions (e.g. cpu).
         no_bundle: skip building the final ensemble bundle.
+        criterion: dice (nnU-Net's: foreground mean Dice) or dice_f1 (multi-task: the mean of foreground mean Dice
+            and the classification macro-F1). Either way every candidate's macro-F1 is reported.
     """
+    if criterion not in CRITERIA:
+        raise ToolError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     bundles_dir = Path(str(bundles_dir))
     if not bundles_dir.is_dir():
         raise ToolError(f"{bundles_dir}: no such folder")
@@ -452,6 +505,7 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
             results.append({"name": c, "kind": "single", "configurations": [c],
                             "bundles": [configs[c][f].name for f in folds],
                             "folder": str(crossval[c].relative_to(tmp)), "foreground_mean_dice": score(summary),
+                            "macro_f1": macro_f1(summary),
                             "mean_dice": {k: float(v["Dice"]) for k, v in summary["mean"].items()},
                             "summary": summary})
         if need_npz:
@@ -464,9 +518,12 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
                     results.append({"name": name, "kind": "ensemble", "configurations": [a, b],
                                     "bundles": [configs[x][f].name for x in (a, b) for f in folds],
                                     "folder": str(folder.relative_to(tmp)), "foreground_mean_dice": score(summary),
+                                    "macro_f1": macro_f1(summary),
                                     "mean_dice": {k: float(v["Dice"]) for k, v in summary["mean"].items()},
                                     "summary": summary})
-        best = best_candidate(results)
+        for r in results:
+            r["score"] = candidate_score(r["foreground_mean_dice"], r["macro_f1"], criterion)
+        best = best_candidate(results, "score")
         pp = determine_postprocessing(tmp / best["folder"], best["summary"], labels_dir, spec,
                                       tmp / "postprocessing", processes)
         pp_file = tmp / "postprocessing.json"
@@ -480,7 +537,8 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
             "dataset": dataset,
             "bundles_dir": str(bundles_dir.resolve()),
             "folds": folds,
-            "score": "foreground_mean Dice",
+            "score": "foreground_mean Dice" if criterion == "dice" else "mean of foreground_mean Dice and macro-F1",
+            "criterion": criterion,
             "candidates": [{k: v for k, v in r.items() if k != "summary"} for r in results],
             "best": {k: v for k, v in best.items() if k != "summary"},
             "skipped": skipped,
@@ -502,7 +560,8 @@ def select(bundles_dir, configurations=None, folds="0,1,2,3,4", dataset_dir=None
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"best: {best['name']} (foreground mean Dice {_fmt(best['foreground_mean_dice'])}); postprocessing: "
+    f1 = f", classification macro-F1 {_fmt(best['macro_f1'])}" if best.get("macro_f1") is not None else ""
+    print(f"best: {best['name']} (foreground mean Dice {_fmt(best['foreground_mean_dice'])}{f1}); postprocessing: "
           f"keep largest foreground {pp['keep_largest_foreground']}, labels {pp['keep_largest_labels']}; "
           f"report: {selection / 'report.md'}")
 

@@ -82,6 +82,11 @@ def previous_stage_group(members: list, group: list, groups: list):
 
 def build_member_network(member: dict) -> nn.Module:
     config = resolve_configuration(member["plans"], member["configuration"])
+    if member.get("classification"):  # a multi-task member: its classification head too
+        from .classification import multitask_from_plan
+
+        return multitask_from_plan(config, int(member["in_channels"]), int(member["num_classes"]), True,
+                                   **member["classification"])
     return network_from_plan(config, int(member["in_channels"]), int(member["num_classes"]), deep_supervision=True)
 
 

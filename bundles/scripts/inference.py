@@ -213,7 +213,9 @@ def predict_validation(bundle_root, datalist: list, output_dir, device=None, sav
     summary = evaluate_files(pairs, labels, ignore_label=labels.get("ignore"),
                              output_file=str(Path(output_dir) / "summary.json"))
     record_eval_metrics(bundle_root / "configs" / "metadata.json", summary, labels)
-    return summary
+    from .classification import add_to_validation
+
+    return add_to_validation(bundle_root, output_dir, summary)  # a multi-task bundle's classification scores
 
 
 def record_eval_metrics(metadata_file, summary: dict, labels: dict) -> dict:
