@@ -21,7 +21,7 @@ in the bundle is changed.
 
 Usage::
 
-    python integration/monai_label.py [--work DIR] [--venv DIR] [--port 8765] [--ensemble] [--regions]
+    python integration/monai_label.py [--work DIR] [--venv DIR] [--port 8765] [--ensemble] [--regions] [--classes K]
 """
 
 from __future__ import annotations
@@ -70,18 +70,18 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def prepare(work: Path, monailabel: Path, with_ensemble: bool = False,
-            regions: bool = False) -> tuple[Path, Path, list[str]]:
+def prepare(work: Path, monailabel: Path, with_ensemble: bool = False, regions: bool = False,
+            classes: int = 0) -> tuple[Path, Path, list[str]]:
     """Dataset, bundle (trained one short epoch by its own command, so the server has weights to serve), app and
     studies; with ``with_ensemble`` also fold 1 (trained the same way) and the ensemble bundle of both folds in the
-    app's ``model/``; with ``regions`` the dataset declares BraTS-style regions. Returns the bundle, the studies
-    folder and the unlabelled cases."""
+    app's ``model/``; with ``regions`` the dataset declares BraTS-style regions, with ``classes`` a case-level class
+    (multi-task bundles). Returns the bundle, the studies folder and the unlabelled cases."""
     from autoplan.pipeline import run
     from autoplan.synthetic import make_synthetic_dataset
 
     raw = make_synthetic_dataset(work / "raw" / "Dataset963_LabelLoop", cases=8, shape=(32, 32, 16),
                                  spacing=(1, 1, 2), labels=3 if regions else 2, test_cases=2, seed=11,
-                                 regions=regions)
+                                 regions=regions, classes=classes)
     run(raw, work / "work", processes=1, configurations=["3d_fullres"], folds=[0, 1] if with_ensemble else [0])
     subprocess.run([*monailabel_command(monailabel), "apps", "--download", "--name", "monaibundle", "--output",
                     str(work / "apps")],
@@ -198,11 +198,12 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--ensemble", action="store_true", help="also serve an ensemble bundle of folds 0 and 1")
     parser.add_argument("--regions", action="store_true", help="a region-based (BraTS-style) dataset")
+    parser.add_argument("--classes", type=int, default=0, help="a multi-task dataset with this many case classes")
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="autoplan-monailabel-"))
     work.mkdir(parents=True, exist_ok=True)
     monailabel = ensure_venv(args.venv)
-    bundle, studies, unlabelled = prepare(work, monailabel, args.ensemble, args.regions)
+    bundle, studies, unlabelled = prepare(work, monailabel, args.ensemble, args.regions, args.classes)
     results = []
 
     def check(name: str, ok: bool, detail: str = "") -> None:
