@@ -9,7 +9,8 @@ siblings) with the plans' network holding the checkpoint's weights, the checkpoi
 nnU-Net's connected-component postprocessing (ids ``keep_largest_foreground`` / ``keep_largest_labels`` in
 ``inference.json``). Several folds (and every cascade) also get one ensemble bundle
 ``<Dataset>_<configuration>_ensemble`` (``tools/ensemble.py make-bundle``) that predicts what
-``nnUNetv2_predict -f <folds>`` predicts: the folds' logits averaged, then the postprocessing; a cascade's ensemble holds its ``3d_lowres`` folds as the previous stage.
+``nnUNetv2_predict -f <folds>`` predicts: the folds' logits averaged, then the postprocessing; a cascade's
+ensemble holds its ``3d_lowres`` folds as the previous stage.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors, plain containers and the few numpy types
 nnU-Net pickles (``scripts.networks.load_checkpoint``); nothing else is unpickled, and nnU-Net is never imported.
