@@ -54,7 +54,7 @@ TRAINER = "nnUNetTrainer_autoplanInterop"
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
 FEATURES = [4, 8, 16]
 
-TRAINER_SOURCE = '''"""A tiny budget for the autoplan interop fixture: nnUNetTrainer with a few short epochs; 2-D mirrors axis 1 only."""
+TRAINER_SOURCE = '''"""The autoplan interop fixture's tiny budget: nnUNetTrainer, a few short epochs; 2-D mirrors axis 1 only."""
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -170,12 +170,39 @@ TRAININGS = [("nnUNetPlans", "3d_fullres", 0), ("nnUNetPlans", "3d_fullres", 1),
              ("nnUNetPlans", "3d_cascade_fullres", 0), (RESENC_PLANS, "3d_fullres", 0)]
 
 
+GRID_CASE = "grid_000"
+
+
+def write_grid_case(raw: Path) -> None:
+    """A test image without zero background (the crop keeps it whole) of 24 x 32 x 32 voxels at the plan's 1 mm, so
+    that 3d_fullres (patch 12 x 16 x 16) and 2d (16 x 16) tile it with both systems' windows at the same positions
+    (27 windows of step 6 / 8): there the bundles and nnU-Net agree to numerical precision. The other test images
+    have arbitrary sizes, where MONAI's and nnU-Net's tile positions differ."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from autoplan.synthetic import make_case
+
+    path = raw / "imagesTs" / f"{GRID_CASE}_0000.nii.gz"
+    if path.is_file():
+        return
+    rng = np.random.default_rng(7)
+    (image,), _ = make_case(rng, (24, 32, 32), (1.0, 1.0, 1.0), 1, 2, "MR")
+    outside = image == 0
+    image[outside] = rng.uniform(5, 30, int(outside.sum()))
+    itk = sitk.GetImageFromArray(image.astype(np.float32))
+    itk.SetSpacing((1.0, 1.0, 1.0))
+    itk.SetOrigin((10.0, -20.0, 5.0))
+    sitk.WriteImage(itk, str(path), useCompression=True)
+
+
 def make_models(e: Env) -> None:
     from autoplan.synthetic import make_synthetic_dataset
 
     raw = e.raw / DATASET
     if not raw.is_dir():
         make_synthetic_dataset(raw, cases=8, shape=(32, 32, 24), labels=2, test_cases=2, seed=3)
+    write_grid_case(raw)
     pre = e.pre / DATASET
     if not (pre / "splits_final.json").is_file():
         e.tool("nnUNetv2_extract_fingerprint", "-d", DATASET_ID, "-np", 1)
@@ -254,8 +281,150 @@ def copy_models_into_fixture(e: Env) -> None:
     _log(f"wrote {FIXTURE} ({size / 1e6:.2f} MB)")
 
 
+# --- stage 2: export, checked with nnU-Net ------------------------------------------------------------------------
+_LOAD_STRICT = r"""
+import json, sys, torch
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+pairs, out = json.loads(sys.argv[1]), {}
+torch.manual_seed(0)
+for exported, original in pairs:
+    ckpt = torch.load(exported, map_location="cpu", weights_only=False)
+    folder = exported.rsplit("/fold_", 1)[0]
+    plans = PlansManager(folder + "/plans.json")
+    dataset_json = json.load(open(folder + "/dataset.json"))
+    config = plans.get_configuration(ckpt["init_args"]["configuration"])
+    trainer = recursive_find_trainer_class_by_name(ckpt["trainer_name"])
+    channels = determine_num_input_channels(plans, config, dataset_json)
+    heads = plans.get_label_manager(dataset_json).num_segmentation_heads
+    net = trainer.build_network_architecture(plans, config, channels, heads, enable_deep_supervision=False)
+    net.load_state_dict(ckpt["network_weights"])  # strict, as nnUNetPredictor does
+    record = {"network_class": type(net).__name__, "strict_load": True,
+              "mirror_axes": list(ckpt["inference_allowed_mirroring_axes"] or [])}
+    if original:
+        ref = trainer.build_network_architecture(plans, config, channels, heads, enable_deep_supervision=False)
+        ref.load_state_dict(torch.load(original, map_location="cpu", weights_only=False)["network_weights"])
+        shape = [2, channels, *config.patch_size]
+        x = torch.randn(*shape)
+        net.eval(); ref.eval()
+        with torch.no_grad():
+            record["max_abs_logit_difference_vs_original"] = float((net(x) - ref(x)).abs().max())
+    out[exported] = record
+print(json.dumps(out))
+"""
+
+
+NO_POSTPROCESSING = ["--keep_largest_foreground", "False", "--keep_largest_labels", "[]"]
+
+
+def _run_bundle(bundle: Path, images: Path, out: Path, extra=()) -> None:
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    extra = list(extra) if "keep_largest_foreground" in config else []
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--dataset_dir",
+           str(images), "--output_dir", str(out), "--save_probabilities", "True", "--device", "cpu", *extra]
+    _log(f"bundle inference: {bundle.name}")
+    done = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(f"inference of {bundle} failed:\n{done.stderr[-3000:]}")
+
+
+def _autoplan(*args) -> None:
+    _log("autoplan " + " ".join(map(str, args)))
+    done = subprocess.run([sys.executable, "-m", "autoplan", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(f"autoplan {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+
+
+def compare_folders(ours: Path, theirs: Path) -> dict:
+    """Per case: voxel agreement of the label maps, Dice of every foreground label, largest probability
+    difference; with the overall minimum agreement and Dice."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    cases = {}
+    for f in sorted(theirs.glob("*.nii.gz")):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(ours / f.name)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(f)))
+        dice = {}
+        for label in sorted((set(np.unique(a)) | set(np.unique(b))) - {0}):
+            denominator = int((a == label).sum() + (b == label).sum())
+            dice[str(label)] = float(2 * ((a == label) & (b == label)).sum() / denominator)
+        record = {"agreement": float((a == b).mean()), "dice": dice}
+        npz_ours, npz_theirs = ours / f.name.replace(".nii.gz", ".npz"), f.with_name(f.name.replace(".nii.gz", ".npz"))
+        if npz_ours.is_file() and npz_theirs.is_file():
+            p, q = (np.load(x)["probabilities"] for x in (npz_ours, npz_theirs))
+            record["max_probability_difference"] = float(np.abs(p - q).max())
+        cases[f.name[:-len(".nii.gz")]] = record
+    return {"cases": cases, "min_agreement": min(c["agreement"] for c in cases.values()),
+            "min_dice": min((d for c in cases.values() for d in c["dice"].values()), default=1.0)}
+
+
 def export_check(e: Env) -> None:
-    raise SystemExit("export check: not written yet")
+    """Import -> export round trip and a bundle trained here, exported and predicted by nnU-Net (see the docstring)."""
+    work = e.work / "export_check"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    models = FIXTURE / "results" / DATASET
+    images = FIXTURE / "imagesTs"
+    imported = work / "imported"
+    _autoplan("import-nnunet", models / f"{TRAINER}__nnUNetPlans__3d_fullres", "--out", imported)
+    _autoplan("import-nnunet", models / f"{TRAINER}__nnUNetPlans__3d_lowres", "--out", work / "imported_lowres")
+    _autoplan("import-nnunet", models / f"{TRAINER}__{RESENC_PLANS}__3d_fullres", "--out", work / "imported_resenc")
+    ensemble = imported / f"{DATASET}_3d_fullres_ensemble"
+    roundtrip = work / "results_roundtrip"
+    _autoplan("export-nnunet", ensemble, work / "imported_lowres" / f"{DATASET}_3d_lowres_fold0",
+              work / "imported_resenc" / f"{DATASET}_3d_fullres_fold0", "--out", roundtrip)
+
+    # a bundle trained here: emitted from the fixture's plan, a short CPU training
+    bundles = work / "bundles"
+    plans = models / f"{TRAINER}__nnUNetPlans__3d_fullres" / "plans.json"
+    splits = e.pre / DATASET / "splits_final.json"
+    _autoplan("emit", plans, e.raw / DATASET, "--out", bundles, "--configurations", "3d_fullres", "--folds", 0,
+              "--splits", splits)
+    trained = bundles / f"{DATASET}_3d_fullres_fold0"
+    _log("training the bundle here (a short CPU run)")
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
+                           "configs/train.json", "--epochs", "4", "--iterations_per_epoch", "20", "--val_iterations",
+                           "2", "--num_workers", "0", "--device", "cpu"], cwd=trained, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise SystemExit(f"training failed:\n{done.stderr[-3000:]}")
+    exported = work / "results_trained"
+    _autoplan("export-nnunet", trained, "--out", exported)
+
+    # nnU-Net's own network class takes every exported checkpoint (strict load), and the round trip keeps the logits
+    pairs = []
+    for ckpt in sorted(roundtrip.rglob("checkpoint_final.pth")):
+        model, fold = ckpt.parent.parent.name, ckpt.parent.name
+        plans_id, configuration = model.split("__")[1:]
+        source = models / f"{TRAINER}__{plans_id}__{configuration}" / fold / "checkpoint_final.pth"
+        pairs.append([str(ckpt), str(source) if source.is_file() else None])
+    pairs += [[str(c), None] for c in sorted(exported.rglob("checkpoint_final.pth"))]
+    loads = json.loads(e.python(_LOAD_STRICT, json.dumps(pairs)).strip().splitlines()[-1])
+
+    # nnUNetv2_predict with the exported folders against the bundles' own inference
+    results = {"strict_loads": {str(Path(k).relative_to(work)): v for k, v in loads.items()}, "comparisons": {}}
+    runs = {
+        "roundtrip_ensemble_f01": (roundtrip, "nnUNetPlans", [0, 1], ensemble),
+        "trained_here_f0": (exported, "nnUNetPlans", [0], trained),
+    }
+    for name, (results_dir, plans_id, folds, bundle) in runs.items():
+        theirs, ours = work / f"nnunet_{name}", work / f"bundle_{name}"
+        e.tool("nnUNetv2_predict", "-i", images, "-o", theirs, "-d", DATASET_ID, "-c", "3d_fullres", "-p", plans_id,
+               "-tr", "nnUNetTrainer", "-f", *folds, "--save_probabilities", "-device", "cpu", "-npp", 1, "-nps", 1,
+               log=f"predict_{name}", env={"nnUNet_results": str(results_dir)})
+        _run_bundle(bundle, images, ours, NO_POSTPROCESSING)  # nnUNetv2_predict does not postprocess
+        results["comparisons"][name] = compare_folders(ours, theirs)
+    path = FIXTURE / "export_check.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    _log(f"wrote {path}")
+    for name, figures in results["comparisons"].items():
+        _log(f"{name}: min voxel agreement {figures['min_agreement']:.5f}, min Dice {figures['min_dice']:.4f}; "
+             + ", ".join(f"{case}: {c['agreement']:.5f} / max |dp| {c.get('max_probability_difference', 0):.2e}"
+                         for case, c in figures["cases"].items()))
 
 
 def main(argv=None) -> int:
