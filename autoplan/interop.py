@@ -121,9 +121,9 @@ def convert_weights(weights: dict, plan_configuration: dict, in_channels: int, o
     except ValueError as exc:
         raise InteropError(f"{where}: the plans' {name} cannot be built here ({exc})") from None
     state = nnunet_state_dict({k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()})
-    if isinstance(network, DynUNet):
-        state = dynunet_state_dict(state, len(arch["arch_kwargs"]["kernel_sizes"]))
-    own = dict(itertools.chain(network.named_parameters(), network.named_buffers()))
+    # checked under nnU-Net's names (what the user knows), against the plans' network built with those names
+    plain = _reference_network(plan_configuration, in_channels, out_channels)
+    own = dict(itertools.chain(plain.named_parameters(), plain.named_buffers()))
     missing = sorted(set(own) - set(state))
     unknown = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
@@ -141,7 +141,13 @@ def convert_weights(weights: dict, plan_configuration: dict, in_channels: int, o
         raise InteropError(f"{where}: trainer {trainer} trained a network that cannot be built from the plans' "
                            f"{name}: {'; '.join(details)}. Only checkpoints of trainers that keep the plans' "
                            "architecture (e.g. schedule or budget variants such as nnUNetTrainer_250epochs) import")
-    network.load_state_dict(state, strict=False)  # every own weight is present (checked); DynUNet aliases follow
+    if isinstance(network, DynUNet):
+        state = dynunet_state_dict(state, len(arch["arch_kwargs"]["kernel_sizes"]))
+    own = dict(itertools.chain(network.named_parameters(), network.named_buffers()))
+    if set(own) - set(state):
+        raise InteropError(f"{where}: weights {sorted(set(own) - set(state))[:3]} cannot be placed in the bundle's "
+                           "network")
+    network.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)  # DynUNet aliases follow
     return network.state_dict()
 
 

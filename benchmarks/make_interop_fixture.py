@@ -54,7 +54,7 @@ TRAINER = "nnUNetTrainer_autoplanInterop"
 RESENC_PLANS = "nnUNetResEncUNetMPlans"
 FEATURES = [4, 8, 16]
 
-TRAINER_SOURCE = '''"""The autoplan interop fixture's tiny budget: nnUNetTrainer, a few short epochs; 2-D mirrors axis 1 only."""
+TRAINER_SOURCE = '''"""The interop fixture's tiny budget: nnUNetTrainer, a few short epochs; 2-D mirrors axis 1 only."""
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
