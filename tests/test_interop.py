@@ -227,12 +227,12 @@ def test_a_schedule_only_trainer_is_accepted(tmp_path):
 
 
 def test_a_checkpoint_holding_other_objects_is_refused(tmp_path):
-    import collections
+    import argparse
 
     folder = _copy_model(tmp_path, f"{TRAINER}__nnUNetPlans__3d_fullres")
     path = folder / "fold_0" / "checkpoint_final.pth"
     checkpoint = torch.load(path, weights_only=False)
-    checkpoint["extra"] = collections.Counter("abc")
+    checkpoint["extra"] = argparse.Namespace(run="anything a pickle can build")
     torch.save(checkpoint, path)
     result = autoplan("import-nnunet", folder, "--out", tmp_path / "out", "--folds", 0)
     assert result.returncode == 2 and "refused" in result.stderr and "Traceback" not in result.stderr
