@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 NETWORKS = {"PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "ResidualEncoderUNet": "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"}
+            "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}
 # stock trainers that build another network than the plans describe (their weights would not fit anyway)
 ARCHITECTURE_TRAINERS = ("nnUNetTrainerBN",)
 POSTPROCESSING_FN = "remove_all_but_largest_component_from_segmentation"

@@ -150,7 +150,7 @@ def resenc_plans(plans: dict) -> dict:
     kw.pop("n_conv_per_stage")
     kw.update(n_blocks_per_stage=[1, 2, 2], n_conv_per_stage_decoder=[1, 1])
     full["architecture"]["network_class_name"] = \
-        "dynamic_network_architectures.architectures.residual_unet.ResidualEncoderUNet"
+        "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
     plans.update(plans_name=RESENC_PLANS, experiment_planner_used="nnUNetPlannerResEncM",
                  configurations={"3d_fullres": full})
     return plans
