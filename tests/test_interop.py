@@ -374,3 +374,13 @@ def test_the_generator_checked_export_with_nnunet():
     assert set(check["comparisons"]) == {"roundtrip_ensemble_f01", "trained_here_f0"}
     for figures in check["comparisons"].values():
         assert_agrees(figures["cases"])
+
+
+def test_nothing_imports_nnunet():
+    """The product reads nnU-Net's files; only the fixture generator and benchmarks run nnU-Net (in their venv)."""
+    import re
+
+    pattern = re.compile(r"^\s*(import|from)\s+(nnunetv2|dynamic_network_architectures|batchgenerators)\b", re.M)
+    offenders = [str(p.relative_to(ROOT)) for folder in ("autoplan", "bundles", "tools")
+                 for p in sorted((ROOT / folder).rglob("*.py")) if pattern.search(p.read_text())]
+    assert offenders == []
