@@ -235,11 +235,40 @@ def make_models(e: Env) -> None:
         e.tool("nnUNetv2_predict", "-i", images, "-o", out, "-d", DATASET_ID, "-c", configuration, "-p", plans,
                "-tr", TRAINER, "-f", *folds, "--save_probabilities", "-device", "cpu", "-npp", 1, "-nps", 1, *extra,
                log=f"predict_{name}")
+    forced_postprocessing(e)
     pp = predictions / "3d_fullres_postprocessed"
     if not pp.is_dir():
         crossval = e.model_dir("3d_fullres") / "crossval_results_folds_0_1"
         e.tool("nnUNetv2_apply_postprocessing", "-i", predictions / "3d_fullres", "-o", pp, "-pp_pkl_file",
                crossval / "postprocessing.pkl", "-np", 1, "-plans_json", crossval / "plans.json")
+
+
+FORCED_PP = "forced_postprocessing"
+_FORCED_PP = r"""
+import sys
+from batchgenerators.utilities.file_and_folder_operations import save_json, save_pickle
+from nnunetv2.postprocessing.remove_connected_components import (
+    remove_all_but_largest_component_from_segmentation as keep_largest)
+kwargs = [{"labels_or_regions": [1, 2]}, {"labels_or_regions": 2}]
+save_pickle(([keep_largest, keep_largest], kwargs), sys.argv[1] + "/postprocessing.pkl")
+save_json({"postprocessing_fns": [keep_largest.__name__] * 2, "postprocessing_kwargs": kwargs},
+          sys.argv[1] + "/postprocessing.json")
+"""
+
+
+def forced_postprocessing(e: Env) -> None:
+    """The tiny models gain nothing from postprocessing, so find_best_configuration chooses none. To check that the
+    bundles apply nnU-Net's steps as nnU-Net does, this writes the files find_best_configuration writes when it
+    keeps the largest foreground component and then label 2's (nnU-Net's own function in the pickle) and applies
+    them with ``nnUNetv2_apply_postprocessing`` to the 3d_fullres predictions."""
+    folder = e.work / FORCED_PP
+    out = e.work / "predictions" / "3d_fullres_forced_postprocessing"
+    if out.is_dir():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    e.python(_FORCED_PP, folder)
+    e.tool("nnUNetv2_apply_postprocessing", "-i", e.work / "predictions" / "3d_fullres", "-o", out, "-pp_pkl_file",
+           folder / "postprocessing.pkl", "-np", 1, "-plans_json", e.model_dir("3d_fullres") / "plans.json")
 
 
 def copy_models_into_fixture(e: Env) -> None:
@@ -272,6 +301,8 @@ def copy_models_into_fixture(e: Env) -> None:
             if f.name.endswith((".nii.gz", ".npz")):
                 shutil.copyfile(f, dst / f.name)
     shutil.copytree(e.raw / DATASET / "imagesTs", tmp / "imagesTs")
+    (tmp / FORCED_PP).mkdir()
+    shutil.copyfile(e.work / FORCED_PP / "postprocessing.json", tmp / FORCED_PP / "postprocessing.json")
     shutil.copyfile(e.raw / DATASET / "dataset.json", tmp / "dataset.json")
     if (FIXTURE / "export_check.json").is_file():
         shutil.copyfile(FIXTURE / "export_check.json", tmp / "export_check.json")
