@@ -404,3 +404,20 @@ def test_nothing_imports_nnunet():
     offenders = [str(p.relative_to(ROOT)) for folder in ("autoplan", "bundles", "tools")
                  for p in sorted((ROOT / folder).rglob("*.py")) if pattern.search(p.read_text())]
     assert offenders == []
+
+
+@pytest.mark.parametrize("roi", [(12, 16, 16), (1, 10, 9), (7, 20)])
+def test_window_weights_are_nnunets_gaussian(roi):
+    """nnU-Net's compute_gaussian: a delta at n // 2 filtered with scipy's Gaussian (sigma n / 8), divided by its
+    maximum; MONAI's own map is centred at (n - 1) / 2."""
+    from scipy.ndimage import gaussian_filter
+
+    from bundles.scripts.inference import NnUNetInferer, nnunet_gaussian
+
+    delta = np.zeros(roi)
+    delta[tuple(n // 2 for n in roi)] = 1
+    expected = gaussian_filter(delta, [n / 8 for n in roi], 0, mode="constant", cval=0)
+    expected /= expected.max()
+    np.testing.assert_allclose(nnunet_gaussian(roi).numpy(), expected, rtol=1e-5, atol=1e-12)
+    inferer = NnUNetInferer(roi_size=list(roi[1:]) if roi[0] == 1 else list(roi), two_d=roi[0] == 1)
+    assert tuple(inferer.roi_weight_map.shape) == roi

@@ -33,11 +33,27 @@ class SliceWise(nn.Module):
         return self.network(x[:, :, 0]).unsqueeze(2)
 
 
+def nnunet_gaussian(roi_size) -> torch.Tensor:
+    """nnU-Net's window weights: a Gaussian peaking at voxel ``n // 2`` of each axis with sigma ``n / 8``, maximum 1.
+
+    MONAI's ``compute_importance_map`` centres its Gaussian between voxels (at ``(n - 1) / 2``) and samples it
+    another way, which weights overlapping windows differently. nnU-Net filters a delta with scipy's truncated
+    Gaussian (4 sigma, never reached inside the patch) and divides by the maximum, i.e. this product of exponentials.
+    """
+    weights = torch.ones(())
+    for n in roi_size:
+        distance = torch.arange(int(n), dtype=torch.float64) - int(n) // 2
+        axis = torch.exp(-0.5 * (distance / (int(n) / 8)) ** 2) if int(n) > 1 else torch.ones(1, dtype=torch.float64)
+        weights = weights[..., None] * axis
+    return weights.float()
+
+
 class NnUNetInferer(SlidingWindowInferer):
     """``SlidingWindowInferer`` (overlap 0.5, Gaussian sigma 1/8 by default) plus nnU-Net's mirroring TTA.
 
     ``mirror_axes`` are spatial axes of the patch ((0, 1, 2) for 3-D, (0, 1) for 2-D; ``()`` disables TTA). With
-    ``two_d`` the window is one slice thick and the network sees 2-D slices.
+    ``two_d`` the window is one slice thick and the network sees 2-D slices. ``mode="gaussian"`` weights the windows
+    with nnU-Net's Gaussian (``nnunet_gaussian``); the window positions are MONAI's (see docs/nnunet_differences.md).
     """
 
     def __init__(self, roi_size, mirror_axes=(), two_d: bool = False, overlap: float = 0.5, mode: str = "gaussian",
@@ -47,6 +63,8 @@ class NnUNetInferer(SlidingWindowInferer):
         roi = [1, *roi_size] if two_d else list(roi_size)
         super().__init__(roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
                          sigma_scale=sigma_scale, **kwargs)
+        if str(mode) == "gaussian" and sigma_scale == 0.125:
+            self.roi_weight_map = nnunet_gaussian(roi)  # used whenever the (padded) image holds a whole window
 
     def __call__(self, inputs, network, *args, **kwargs):
         network = SliceWise(network) if self.two_d else network
