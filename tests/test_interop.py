@@ -76,16 +76,19 @@ def compare(ours, theirs) -> dict:
     return result
 
 
-def assert_agrees(figures: dict, grid_dp: float = 2e-2, min_agreement: float = 0.99, min_dice: float = 0.9):
-    """``grid_000`` (the same windows in both systems) equal; the other cases close (window positions differ)."""
+def assert_agrees(figures: dict, grid_dp: float = 2e-2, min_agreement: float = 0.995):
+    """``grid_000`` (the same windows in both systems): equal label maps, probabilities equal up to nnU-Net's float16
+    accumulation. The other cases (windows at other positions): close. The fixture's models are trained for minutes,
+    so many voxels are near ties and a small structure's Dice moves more than a trained model's would; only the
+    voxel agreement is asserted there."""
     for case, record in figures.items():
         if case == GRID:
             assert record["agreement"] >= 0.9995, (case, record)
+            assert all(d >= 0.99 for d in record["dice"].values()), (case, record)
             dp = record.get("max_dp", record.get("max_probability_difference"))
             assert dp is None or dp <= grid_dp, (case, record)
         else:
             assert record["agreement"] >= min_agreement, (case, record)
-            assert all(d >= min_dice for d in record["dice"].values()), (case, record)
 
 
 @pytest.fixture(scope="module")
