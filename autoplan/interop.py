@@ -151,19 +151,34 @@ def convert_weights(weights: dict, plan_configuration: dict, in_channels: int, o
     return network.state_dict()
 
 
-def read_postprocessing(model_dir: Path, foreground: list):
-    """nnU-Net's postprocessing chosen for this model folder (``postprocessing.json`` of its cross-validation
-    results, as ``nnUNetv2_find_best_configuration`` writes it) in the bundles' form, or None when there is none.
+def _selected_crossval(model_dir: Path):
+    """The cross-validation folder whose postprocessing ``inference_information.json`` (one folder up, written by
+    ``nnUNetv2_find_best_configuration``) selected, when it selected this model folder alone; else None."""
+    path = model_dir.parent / "inference_information.json"
+    if not path.is_file():
+        return None
+    best = _load_json(path).get("best_model_or_ensemble") or {}
+    selected = best.get("selected_model_or_models") or []
+    names = [f"{m.get('trainer')}__{m.get('plans_identifier')}__{m.get('configuration')}" for m in selected]
+    if names != [model_dir.name] or not best.get("postprocessing_file"):
+        return None
+    folder = model_dir / Path(str(best["postprocessing_file"]).replace("\\", "/")).parent.name
+    return folder if (folder / "postprocessing.json").is_file() else None
 
-    ``inference_information.json`` one folder up names the selected model; when it names another model folder
-    of this dataset, this one's postprocessing is still used if present (it was determined on its own results).
+
+def read_postprocessing(model_dir: Path, foreground: list):
+    """nnU-Net's postprocessing chosen for this model folder, in the bundles' form, or None when there is none.
+
+    ``nnUNetv2_find_best_configuration`` writes it as ``crossval_results_folds_*/postprocessing.json`` (the
+    ``.pkl`` beside it, pickled functions, is never read). When ``inference_information.json`` one folder up selected
+    this model folder, its cross-validation folder is used; otherwise the one over the most folds.
     """
-    files = sorted(model_dir.glob("crossval_results_folds_*/postprocessing.json"))
+    folder = _selected_crossval(model_dir)
+    files = [folder / "postprocessing.json"] if folder else sorted(
+        model_dir.glob("crossval_results_folds_*/postprocessing.json"), key=lambda p: (len(p.parent.name), p))
     if not files:
         return None
     path = files[-1]
-    if len(files) > 1:  # the most folds: the longest folds string
-        path = max(files, key=lambda p: (len(p.parent.name), p.parent.name))
     data = _load_json(path)
     fns, kwargs = data.get("postprocessing_fns"), data.get("postprocessing_kwargs")
     if not isinstance(fns, list) or not isinstance(kwargs, list) or len(fns) != len(kwargs):

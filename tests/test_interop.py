@@ -424,3 +424,15 @@ def test_window_weights_are_nnunets_gaussian(roi):
     np.testing.assert_allclose(nnunet_gaussian(roi).numpy(), expected, rtol=1e-5, atol=1e-12)
     inferer = NnUNetInferer(roi_size=list(roi[1:]) if roi[0] == 1 else list(roi), two_d=roi[0] == 1)
     assert tuple(inferer.roi_weight_map.shape) == roi
+
+
+def test_inference_information_names_the_postprocessing_folder():
+    """find_best_configuration's inference_information.json selected the 3d_fullres folder: its
+    crossval_results_folds_0_1 is where the postprocessing comes from (none chosen for these tiny models)."""
+    from autoplan.interop import _selected_crossval, read_postprocessing
+
+    assert _selected_crossval(model_dir("3d_fullres")) == model_dir("3d_fullres") / "crossval_results_folds_0_1"
+    assert _selected_crossval(model_dir("2d")) is None
+    pp = read_postprocessing(model_dir("3d_fullres"), [1, 2])
+    assert pp["keep_largest_foreground"] is False and pp["keep_largest_labels"] == []
+    assert read_postprocessing(model_dir("2d"), [1, 2]) is None
