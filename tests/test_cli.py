@@ -11,7 +11,9 @@ from conftest import ROOT, planning_inputs, sklearn_splits
 # every command, with an option (or subcommand) its help must describe
 COMMANDS = {"synthetic": "--spacing_jitter", "convert-msd": "TASK_DIR", "verify": "RAW_DIR",
             "fingerprint": "--processes", "plan": "--gpu_memory_gb", "emit": "--configurations", "run": "--planner",
-            "demo": "--epochs", "train": "--gpus_per_task", "predict": "OUTPUT_DIR", "evaluate": "--nsd_tolerance", "ensemble": "make-bundle",
+            "demo": "--epochs", "train": "--gpus_per_task", "predict": "OUTPUT_DIR",
+            "import-nnunet": "--checkpoint", "export-nnunet": "--dataset_name", "evaluate": "--nsd_tolerance",
+            "ensemble": "make-bundle",
             "select": "--disable-ensembling", "export": "--include_eval"}
 # the tools' subcommands, and the tools' own scripts
 SUBCOMMANDS = {("ensemble", "average"): "--reference_images", ("ensemble", "make-bundle"): "--postprocessing",
