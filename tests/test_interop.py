@@ -2,9 +2,9 @@
 ``benchmarks/make_interop_fixture.py``): tiny model folders trained by ``nnUNetv2_train`` and their
 ``nnUNetv2_predict --save_probabilities`` outputs. No nnunetv2 is needed here.
 
-The test images are two synthetic cases of arbitrary size, where MONAI's sliding-window positions differ from
-nnU-Net's (the bundles agree closely but not exactly), and ``grid_000``, whose size makes both place every window at the
-same position: there the label maps must be equal and the probabilities equal up to nnU-Net's float16 accumulation.
+The test images are two synthetic cases of arbitrary size and ``grid_000``, whose size puts MONAI's own window
+positions where nnU-Net's are; the bundles place windows as nnU-Net does, so all three must agree within the issue's
+bounds, probabilities up to nnU-Net's float16 accumulation.
 """
 
 import json
@@ -76,19 +76,15 @@ def compare(ours, theirs) -> dict:
     return result
 
 
-def assert_agrees(figures: dict, grid_dp: float = 2e-2, min_agreement: float = 0.995):
-    """``grid_000`` (the same windows in both systems): equal label maps, probabilities equal up to nnU-Net's float16
-    accumulation. The other cases (windows at other positions): close. The fixture's models are trained for minutes,
-    so many voxels are near ties and a small structure's Dice moves more than a trained model's would; only the
-    voxel agreement is asserted there."""
+def assert_agrees(figures: dict, max_dp: float = 2e-2):
+    """The issue's bounds on every case: voxel agreement >= 0.999 and per-label Dice >= 0.99 between the two label
+    maps; probabilities equal up to nnU-Net's float16 accumulation of the windows. The bundles place and weight the
+    sliding windows as nnU-Net does, so arbitrary image sizes agree as well as ``grid_000``."""
     for case, record in figures.items():
-        if case == GRID:
-            assert record["agreement"] >= 0.9995, (case, record)
-            assert all(d >= 0.99 for d in record["dice"].values()), (case, record)
-            dp = record.get("max_dp", record.get("max_probability_difference"))
-            assert dp is None or dp <= grid_dp, (case, record)
-        else:
-            assert record["agreement"] >= min_agreement, (case, record)
+        assert record["agreement"] >= 0.999, (case, record)
+        assert all(d >= 0.99 for d in record["dice"].values()), (case, record)
+        dp = record.get("max_dp", record.get("max_probability_difference"))
+        assert dp is None or dp <= max_dp, (case, record)
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +191,10 @@ def test_cascade_brings_its_lowres_stage_and_predicts_like_nnunet(tmp_path):
                      f"{DATASET}_3d_lowres_ensemble", f"{DATASET}_3d_lowres_fold0", f"{DATASET}_3d_lowres_fold1"]
     lowres = compare(predict(tmp_path / "b" / f"{DATASET}_3d_lowres_ensemble", tmp_path / "low"),
                      FIXTURE / "predictions" / "3d_lowres")
-    for record in lowres.values():  # 1.6 mm: no test image is tiled alike at this spacing
-        assert record["agreement"] >= 0.99, lowres
+    assert_agrees(lowres)
     cascade = compare(predict(tmp_path / "b" / f"{DATASET}_3d_cascade_fullres_ensemble", tmp_path / "casc"),
                       FIXTURE / "predictions" / "3d_cascade_fullres_f0")
-    for record in cascade.values():
-        assert record["agreement"] >= 0.99, cascade
+    assert_agrees(cascade)
 
 
 def test_checkpoint_best_and_fold_selection(tmp_path):
@@ -396,7 +390,9 @@ def test_the_generator_checked_export_with_nnunet():
         assert record.get("max_abs_logit_difference_vs_original", 0.0) < 1e-4, record
     assert set(check["comparisons"]) == {"roundtrip_ensemble_f01", "trained_here_f0"}
     for figures in check["comparisons"].values():
-        assert_agrees(figures["cases"])
+        # recorded when the bundles still placed windows as MONAI does: agreement >= 0.995 there, not 0.999
+        for case, record in figures["cases"].items():
+            assert record["agreement"] >= 0.995, (case, record)
 
 
 def test_nothing_imports_nnunet():
