@@ -262,6 +262,63 @@ def predict(work_dir, input_dir, output_dir, bundle=None, device=None, override=
         raise SystemExit(status)
 
 
+def _interop(fn, *args, **kwargs):
+    """Run an interop command; bad input -> one ``error:`` line and exit status 2 (no traceback)."""
+    from autoplan.interop import InteropError
+
+    try:
+        return fn(*args, **kwargs)
+    except (InteropError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        _fail([str(exc)])
+
+
+def import_nnunet(*model_dirs, out=None, checkpoint: str = "final", folds=None, splits=None):
+    """Import trained nnU-Net v2 model folders as bundles: one per fold, plus their ensemble.
+
+    A model folder is TRAINER__PLANS__CONFIGURATION in $nnUNet_results/DatasetXXX_Name.
+
+    Each fold_K/checkpoint_final.pth becomes the bundle <Dataset>_<configuration>_fold<K> (the plans' network, the
+    checkpoint's mirroring axes, nnU-Net's postprocessing when find_best_configuration chose one for the folder);
+    several folds, and every cascade, also become <Dataset>_<configuration>_ensemble, which predicts what
+    nnUNetv2_predict -f <folds> predicts. A 3d_cascade_fullres folder brings its 3d_lowres folder (beside it, or
+    given too). Checkpoints load with torch.load(weights_only=True); nnU-Net is not needed.
+
+    Args:
+        model_dirs: nnU-Net model folders, e.g.
+            $nnUNet_results/Dataset004_Hippocampus/nnUNetTrainer__nnUNetPlans__3d_fullres.
+        out: folder for the bundles (created if needed; existing bundles are never overwritten).
+        checkpoint: final (checkpoint_final.pth, default) or best (checkpoint_best.pth).
+        folds: only these folds, e.g. 0,1 (default: every fold found).
+        splits: nnU-Net's splits_final.json, for the bundles' train/validation cases (default:
+            $nnUNet_preprocessed/<Dataset>/splits_final.json when present; else the lists stay empty).
+    """
+    from autoplan.interop import import_nnunet as run_import
+
+    for path in _interop(run_import, *model_dirs, out=out, checkpoint=str(checkpoint),
+                         folds=None if folds is None else _folds(folds), splits=splits):
+        print(f"wrote {path}")
+
+
+def export_nnunet(*bundles, out=None, trainer: str = "nnUNetTrainer", dataset_name=None):
+    """Export trained bundles as an nnU-Net v2 results folder that nnUNetv2_predict predicts with.
+
+    Writes OUT/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION/{plans.json, dataset.json, fold_K/checkpoint_final.pth}
+    (an ensemble bundle exports each member); then nnUNet_results=OUT nnUNetv2_predict -d XXX -c CONFIGURATION -f K
+    ... predicts with them. Bundles whose network is not the plans' PlainConvUNet or ResidualEncoderUNet are refused.
+
+    Args:
+        bundles: trained bundle folders (models/model.pt), fold or ensemble bundles.
+        out: the results folder (nnUNet_results); existing checkpoints are never overwritten.
+        trainer: the trainer name written into the checkpoints and the folder name (default nnUNetTrainer, whose
+            network nnU-Net rebuilds from the plans).
+        dataset_name: DatasetXXX_Name, when the plans' dataset_name is not in nnU-Net's form.
+    """
+    from autoplan.interop import export_nnunet as run_export
+
+    written = _interop(run_export, *bundles, out=out, trainer=str(trainer), dataset_name=dataset_name)
+    print(f"{len(written)} checkpoint(s) written under {out}")
+
+
 COMMANDS = {
     "synthetic": synthetic,
     "convert-msd": convert_msd,
@@ -273,6 +330,8 @@ COMMANDS = {
     "demo": demo,
     "train": train,
     "predict": predict,
+    "import-nnunet": import_nnunet,
+    "export-nnunet": export_nnunet,
 }
 
 # module in tools/ and one-line summary; the summary lives here so that ``autoplan --help`` imports no tool

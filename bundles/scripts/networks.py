@@ -324,13 +324,16 @@ _HEADS = ("decoder.seg_layers.", "output_block.", "deep_supervision_heads.")
 
 
 def _numpy_globals() -> list:
-    """The numpy types nnU-Net's checkpoints pickle besides tensors (scalars and dtypes in 'logging' and
-    'init_args'), allowed by ``torch.load(weights_only=True)``."""
+    """Exactly the numpy types nnU-Net's checkpoints pickle besides tensors, allowed by
+    ``torch.load(weights_only=True)``: its float32 / float64 scalars (the Dice values and losses in 'logging',
+    '_best_ema'; float64 where numpy 1.x promoted them), which pickle as ``multiarray.scalar`` with their ``dtype``.
+    A checkpoint written with numpy 1.x names the scalar ``numpy.core.multiarray.scalar``."""
     import numpy as np
 
     multiarray = getattr(np, "_core", None) or np.core
-    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type) and issubclass(t, np.dtype)]
-    return [multiarray.multiarray.scalar, np.dtype, *dtypes]
+    scalar = multiarray.multiarray.scalar
+    dtypes = [type(np.dtype(np.float32)), type(np.dtype(np.float64))]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
 
 
 def load_checkpoint(path):
