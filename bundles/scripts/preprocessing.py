@@ -118,25 +118,30 @@ def normalize(data: np.ndarray, seg: np.ndarray, plan: PlanSettings) -> np.ndarr
     out = np.empty_like(data, dtype=np.float32)
     for c, scheme in enumerate(plan.normalization_schemes):
         x = data[c].astype(np.float32, copy=False)
+        o = out[c]  # written in place: float32 operations in the same order, without volume-sized temporaries
         if scheme == "CTNormalization":
             props = plan.intensity_properties[str(c)]
-            x = np.clip(x, props["percentile_00_5"], props["percentile_99_5"])
-            x = (x - props["mean"]) / max(props["std"], EPS)
+            np.clip(x, props["percentile_00_5"], props["percentile_99_5"], out=o)
+            o -= props["mean"]
+            o /= max(props["std"], EPS)
         elif scheme == "ZScoreNormalization":
             if plan.use_mask_for_norm[c]:
                 mask = seg[0] >= 0
                 values = x[mask]
                 mean, std = (values.mean(), values.std()) if values.size else (0.0, 1.0)
-                x = np.where(mask, (x - mean) / max(std, EPS), 0.0)
+                o[...] = np.where(mask, (x - mean) / max(std, EPS), 0.0)
             else:
-                x = (x - x.mean()) / max(x.std(), EPS)
+                np.subtract(x, x.mean(), out=o)
+                o /= max(x.std(), EPS)
         elif scheme == "RescaleTo01Normalization":
-            x = (x - x.min()) / max(x.max() - x.min(), EPS)
+            np.subtract(x, x.min(), out=o)
+            o /= max(x.max() - x.min(), EPS)
         elif scheme == "RGBTo01Normalization":
-            x = x / 255.0
-        elif scheme != "NoNormalization":
+            np.divide(x, 255.0, out=o)
+        elif scheme == "NoNormalization":
+            o[...] = x
+        else:
             raise ValueError(f"unknown normalization scheme '{scheme}'")
-        out[c] = x
     return out
 
 
@@ -147,7 +152,9 @@ def target_spacing(plan: PlanSettings, spacing_transposed) -> list[float]:
 
 def preprocess_case(data: np.ndarray, spacing: list, plan: PlanSettings, seg: np.ndarray | None = None):
     """nnU-Net's DefaultPreprocessor on one case in nnU-Net order. Returns (data, seg, properties)."""
-    data = np.nan_to_num(data.astype(np.float32, copy=False))
+    data = data.astype(np.float32, copy=False)
+    if not np.isfinite(data).all():  # a copy only when there is something to replace
+        data = np.nan_to_num(data)
     has_seg = seg is not None
     forward = [0] + [a + 1 for a in plan.transpose_forward]
     data = data.transpose(forward)

@@ -356,16 +356,21 @@ def _resize_planes_linear(planes: np.ndarray, plane_shape: tuple) -> np.ndarray:
     return torch.minimum(torch.maximum(out, lo), hi).numpy()
 
 
-def _redo_close_planes(values: np.ndarray, planes: np.ndarray, plane_shape: tuple) -> None:
-    """Makes the argmax of ``_resize_planes_linear``'s (C, k, a, b) ``values`` exactly scipy's: it can differ from
-    scipy's float32 numbers by one unit in the last place, which only matters where the two largest channels are
-    that close; such planes (rare) are resized again with scipy, in place."""
+def _redo_close_planes(values: torch.Tensor, top: torch.Tensor, label: torch.Tensor, planes: np.ndarray,
+                       plane_shape: tuple) -> torch.Tensor:
+    """Makes the argmax of ``_resize_planes_linear``'s (C, k, a, b) ``values`` exactly scipy's: they can differ
+    from scipy's float32 numbers by one unit in the last place, which only matters where two channels come within two
+    units of each other at the maximum; such planes (rare) are resized again with scipy. Returns the labels (k, a, b).
+    """
     if values.shape[0] < 2:
-        return
-    top = np.sort(values, axis=0)[-2:]
-    close = (top[1] - top[0]) <= 4 * np.spacing(np.abs(top[1]))
-    for k in np.flatnonzero(close.any(axis=(1, 2))):
-        values[:, k] = np.stack([resize(p, plane_shape, 1) for p in planes[:, k]])
+        return label
+    magnitude = top.abs()
+    tolerance = 2 * (torch.nextafter(magnitude, torch.tensor(float("inf"))) - magnitude)  # two units in last place
+    close = (values >= top - tolerance).sum(0) >= 2
+    for k in torch.nonzero(close.flatten(1).any(1))[:, 0].tolist():
+        redone = np.stack([resize(p, plane_shape, 1) for p in planes[:, k]])
+        label[k] = torch.from_numpy(np.argmax(redone, 0))
+    return label
 
 
 def _argmax_dtype(channels: int):
@@ -415,24 +420,28 @@ def resampled_argmax(logits: np.ndarray, new_shape, current_spacing, new_spacing
             done = _resize_planes_linear(flat, plane_shape)
         else:
             done = np.stack([resize(p, plane_shape, order) for p in flat])
-        done = done.reshape(planes.shape[:2] + plane_shape)
+        values = torch.from_numpy(np.ascontiguousarray(done).reshape(planes.shape[:2] + plane_shape))
+        top, label = torch.max(values, 0)  # the first maximum on ties, as numpy's argmax
         if order == 1 and not is_torch and planes.shape[2:] != plane_shape:
-            _redo_close_planes(done, planes, plane_shape)
-        labels[start:start + len(chunk)] = np.argmax(done, 0)
+            label = _redo_close_planes(values, top, label, planes, plane_shape)
+        labels[start:start + len(chunk)] = label.numpy()
     out = np.take(labels, np.searchsorted(needed, idx), axis=0)
     return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
 def _running_argmax(logits, new_shape, current_spacing, new_spacing, function, kwargs, dtype) -> np.ndarray:
-    best = resample(function, logits[:1], new_shape, current_spacing, new_spacing, **kwargs)[0]
-    best = np.array(best, dtype=np.float32)
-    out = np.zeros(new_shape, dtype)
-    for c in range(1, logits.shape[0]):
-        value = resample(function, logits[c:c + 1], new_shape, current_spacing, new_spacing, **kwargs)[0]
+    """Channel by channel into a running maximum; a later channel wins only when strictly larger (first maximum)."""
+    best = out = None
+    for c in range(logits.shape[0]):
+        value = torch.as_tensor(resample(function, logits[c:c + 1], new_shape, current_spacing, new_spacing,
+                                         **kwargs)[0]).float()
+        if best is None:
+            best, out = value, torch.zeros(new_shape, dtype=torch.uint8 if dtype == np.uint8 else torch.int32)
+            continue
         better = value > best
-        best[better] = value[better]
-        out[better] = c
-    return out
+        out.masked_fill_(better, c)
+        torch.maximum(best, value, out=best)
+    return out.numpy().astype(dtype, copy=False)
 
 
 def resample_logits_torch(logits, new_shape):
