@@ -125,8 +125,9 @@ def plan(dataset_json, fingerprint, out="plans.json", planner: str = "default", 
         dataset_json: the dataset's dataset.json.
         fingerprint: dataset_fingerprint.json (ours or nnU-Net's).
         out: output plans file.
-        planner: default, resenc-m, resenc-l or resenc-xl.
-        gpu_memory_gb: GPU memory target; defaults to the preset's (8, 8, 24, 40).
+        planner: default, resenc-m, resenc-l or resenc-xl; or nnU-Net's torch-resampling planners torchres,
+            resenc-l-torchres, resenc-l-torchres-sepz.
+        gpu_memory_gb: GPU memory target; defaults to the preset's (8, 8, 24, 40; torchres 8, the others 24).
         plans_name: override the plans name (e.g. when using a memory target).
         dataset_name: override the dataset name (default: the DatasetXXX_Name folder of dataset.json).
     """
@@ -197,7 +198,7 @@ def run(raw_dir, out="work", planner: str = "default", gpu_memory_gb: float = No
     Args:
         raw_dir: the dataset folder.
         out: work folder: fingerprint, plans, and bundles/ (one per configuration and fold).
-        planner: default, resenc-m, resenc-l or resenc-xl.
+        planner: default, resenc-m, resenc-l, resenc-xl, torchres, resenc-l-torchres or resenc-l-torchres-sepz.
         gpu_memory_gb: GPU memory target.
         processes: worker processes.
         configurations: configurations to emit (default: all supported).

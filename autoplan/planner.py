@@ -8,7 +8,7 @@ Float arithmetic mirrors nnU-Net's order of operations (numpy float64, Python's 
 from __future__ import annotations
 
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,9 +35,35 @@ NORMALIZATION_BY_CHANNEL_NAME = {
 }
 
 
+RESAMPLING = {
+    "resampling_fn_data": "resample_data_or_seg_to_shape",
+    "resampling_fn_seg": "resample_data_or_seg_to_shape",
+    "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+    "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+    "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+}
+
+
+def torch_resampling(separate_z: bool) -> dict:
+    """What nnU-Net's ``*_torchres`` planners write: ``resample_torch_fornnunet`` (torch ``interpolate``) for data,
+    segmentations and the export. ``_sepz`` keeps a separate low-resolution axis (nearest along it, decided as the
+    default resampling does); the others interpolate all axes at once (``force_separate_z`` False)."""
+    def kwargs(is_seg: bool) -> dict:
+        k = {"is_seg": is_seg, "force_separate_z": None if separate_z else False, "memefficient_seg_resampling": False}
+        if separate_z:
+            k["separate_z_anisotropy_threshold"] = ANISO_THRESHOLD
+        return k
+
+    name = "resample_torch_fornnunet"
+    return {"resampling_fn_data": name, "resampling_fn_seg": name, "resampling_fn_data_kwargs": kwargs(False),
+            "resampling_fn_seg_kwargs": kwargs(True), "resampling_fn_probabilities": name,
+            "resampling_fn_probabilities_kwargs": kwargs(False)}
+
+
 @dataclass(frozen=True)
 class Preset:
-    """One nnU-Net planner: network family, memory reference and batch-size cap."""
+    """One nnU-Net planner: network family, memory reference, batch-size cap and resampling functions."""
 
     planner_class: str
     plans_name: str
@@ -46,6 +72,8 @@ class Preset:
     reference_gb: float
     reference_value: dict
     max_dataset_covered: float
+    resampling: dict = field(default_factory=lambda: RESAMPLING)
+    own_data_identifier: bool = False  # the torchres planners name every configuration's data after their plans
 
     def over_budget(self, estimate: float, reference: float, dim: int) -> bool:
         # The default planner scales the estimate by the reference batch size; the ResEnc planners do not.
@@ -54,29 +82,31 @@ class Preset:
         return estimate / REFERENCE_BATCH_SIZE[dim] * 2 > reference
 
     def data_identifier(self, plans_name: str, configuration: str) -> str:
-        # ResEnc planners share the default planner's 2d and 3d_fullres preprocessing.
-        if self.residual and configuration in ("2d", "3d_fullres"):
+        # ResEnc planners share the default planner's 2d and 3d_fullres preprocessing; the torchres ones do not.
+        if self.residual and not self.own_data_identifier and configuration in ("2d", "3d_fullres"):
             return f"nnUNetPlans_{configuration}"
         return f"{plans_name}_{configuration}"
 
 
+_DEFAULT = dict(residual=False, default_gpu_gb=8, reference_gb=8, reference_value={3: 560_000_000, 2: 85_000_000},
+                max_dataset_covered=0.05)
+_RESENC_L = dict(residual=True, default_gpu_gb=24, reference_gb=24,
+                 reference_value={3: 2_100_000_000, 2: 380_000_000}, max_dataset_covered=1.0)
 PRESETS = {
-    "default": Preset("ExperimentPlanner", "nnUNetPlans", False, 8, 8, {3: 560_000_000, 2: 85_000_000}, 0.05),
+    "default": Preset("ExperimentPlanner", "nnUNetPlans", **_DEFAULT),
     "resenc-m": Preset("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans", True, 8, 8,
                        {3: 680_000_000, 2: 135_000_000}, 1.0),
-    "resenc-l": Preset("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans", True, 24, 24,
-                       {3: 2_100_000_000, 2: 380_000_000}, 1.0),
+    "resenc-l": Preset("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans", **_RESENC_L),
     "resenc-xl": Preset("nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans", True, 40, 40,
                         {3: 3_600_000_000, 2: 560_000_000}, 1.0),
-}
-
-RESAMPLING = {
-    "resampling_fn_data": "resample_data_or_seg_to_shape",
-    "resampling_fn_seg": "resample_data_or_seg_to_shape",
-    "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-    "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-    "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-    "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
+    # nnU-Net 2.8.1's torch-resampling planners (experiment_planners/resampling/resample_with_torch.py); 2.8.1 has
+    # no ResEnc M or XL variant
+    "torchres": Preset("nnUNetPlanner_torchres", "nnUNetPlans_torchres", **_DEFAULT,
+                       resampling=torch_resampling(False), own_data_identifier=True),
+    "resenc-l-torchres": Preset("nnUNetPlannerResEncL_torchres", "nnUNetResEncUNetLPlans_torchres", **_RESENC_L,
+                                resampling=torch_resampling(False), own_data_identifier=True),
+    "resenc-l-torchres-sepz": Preset("nnUNetPlannerResEncL_torchres_sepz", "nnUNetResEncUNetLPlans_torchres_sepz",
+                                     **_RESENC_L, resampling=torch_resampling(True), own_data_identifier=True),
 }
 
 
@@ -227,7 +257,7 @@ class Planner:
             "spacing": [float(s) for s in spacing],
             "normalization_schemes": list(self.schemes),
             "use_mask_for_norm": [bool(u) for u in self.use_mask],
-            **deepcopy(RESAMPLING),
+            **deepcopy(self.preset.resampling),
             "architecture": arch,
         }
 

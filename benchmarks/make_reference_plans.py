@@ -18,6 +18,7 @@ Usage::
     python benchmarks/make_reference_plans.py                 # all scenarios
     python benchmarks/make_reference_plans.py --only prostate_like tiny_images
     python benchmarks/make_reference_plans.py --list
+    python benchmarks/make_reference_plans.py --torchres      # the torchres planners -> nnunet_torchres_plans/
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ DEFAULT_PLANNERS = [
     ("nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans"),
 ]
 # (planner, gpu_memory_target, plans name) run in addition for scenarios with memory_target_runs=True
+# nnU-Net 2.8.1's torch-resampling planners (experiment_planning/experiment_planners/resampling/), run with
+# --torchres into their own fixture folder
+TORCHRES_PLANNERS = [
+    ("nnUNetPlanner_torchres", "nnUNetPlans_torchres"),
+    ("nnUNetPlannerResEncL_torchres", "nnUNetResEncUNetLPlans_torchres"),
+    ("nnUNetPlannerResEncL_torchres_sepz", "nnUNetResEncUNetLPlans_torchres_sepz"),
+]
+TORCHRES_OUT = REPO / "tests" / "fixtures" / "nnunet_torchres_plans"
+TORCHRES_SCENARIOS = ["hippocampus_like", "prostate_like", "ct_coarse_last_axis", "natural_2d", "very_anisotropic",
+                      "tiny_images"]
 MEMORY_TARGET_RUNS = [
     ("ExperimentPlanner", 24, "nnUNetPlans_G24"),
     ("nnUNetPlannerResEncM", 80, "nnUNetResEncUNetMPlans_G80"),
@@ -391,7 +402,7 @@ def write_compact_json(obj, path: Path) -> None:
     path.write_text(enc(obj, 0) + "\n")
 
 
-def run_scenario(sc: Scenario, out_root: Path, venv_py: Path, timeout: int) -> list[dict]:
+def run_scenario(sc: Scenario, out_root: Path, venv_py: Path, timeout: int, planners=None) -> list[dict]:
     """Run all planner runs of one scenario; write its fixture folder; return the runs list."""
     venv_dir = venv_py.parent.parent
     dest = out_root / sc.name
@@ -416,8 +427,8 @@ def run_scenario(sc: Scenario, out_root: Path, venv_py: Path, timeout: int) -> l
 
         env = dict(os.environ, nnUNet_raw=str(tmp / "nnUNet_raw"), nnUNet_preprocessed=str(tmp / "nnUNet_preprocessed"),
                    nnUNet_results=str(res), nnUNet_compile="f", OMP_NUM_THREADS="1")
-        todo = [(pl, None, name) for pl, name in DEFAULT_PLANNERS]
-        if sc.memory_target_runs:
+        todo = [(pl, None, name) for pl, name in (planners or DEFAULT_PLANNERS)]
+        if sc.memory_target_runs and planners is None:
             todo += MEMORY_TARGET_RUNS
         for planner, gpu, plans_name in todo:
             cmd = [str(venv_bin(venv_dir, "nnUNetv2_plan_experiment")), "-d", str(sc.dataset_id), "-pl", planner]
@@ -450,7 +461,10 @@ def run_scenario(sc: Scenario, out_root: Path, venv_py: Path, timeout: int) -> l
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run nnU-Net 2.8.1's planners on synthetic fingerprints and store the "
                                              "plans as test fixtures.")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"fixture root (default {DEFAULT_OUT})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"fixture root (default {DEFAULT_OUT}, with --torchres {TORCHRES_OUT})")
+    ap.add_argument("--torchres", action="store_true",
+                    help="run the torch-resampling planners (on a few scenarios unless --only) instead")
     ap.add_argument("--only", nargs="*", default=None, help="scenario names to (re)generate (default: all)")
     ap.add_argument("--list", action="store_true", help="list scenarios and exit")
     ap.add_argument("--seed", type=int, default=20260, help="RNG seed (default 20260)")
@@ -464,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, n in enumerate(names):
             print(f"{n:26s} {build_scenario(n, i, args.seed).description}")
         return 0
-    chosen = names if not args.only else args.only
+    chosen = args.only or (TORCHRES_SCENARIOS if args.torchres else names)
+    args.out = args.out or (TORCHRES_OUT if args.torchres else DEFAULT_OUT)
+    planners = TORCHRES_PLANNERS if args.torchres else None
     unknown = [n for n in chosen if n not in SCENARIOS]
     if unknown:
         ap.error(f"unknown scenario(s): {unknown}; use --list")
@@ -474,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = [build_scenario(n, names.index(n), args.seed) for n in chosen]
     t0 = time.time()
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as ex:
-        results = list(ex.map(lambda s: (s.name, run_scenario(s, args.out, venv_py, args.timeout)), scenarios))
+        results = list(ex.map(lambda s: (s.name, run_scenario(s, args.out, venv_py, args.timeout, planners)),
+                              scenarios))
     failed = [(n, r["planner"], r["gpu_memory_target"]) for n, runs in results for r in runs if not r["plans_file"]]
     print(f"done in {time.time() - t0:.0f} s; nnU-Net {NNUNET_VERSION}; {len(failed)} failed run(s)")
     for f in failed:

@@ -1,4 +1,7 @@
-"""nnU-Net's default resampling as shipped in bundles (spec 3.9)."""
+"""nnU-Net's resampling functions as shipped in bundles (spec 3.9): the default and the torch one."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,8 +10,11 @@ from scipy import ndimage
 
 from bundles.scripts.resampling import (
     compute_new_shape,
+    resample,
     resample_data_or_seg_to_shape,
     resample_logits_torch,
+    resample_torch,
+    resampled_argmax,
     resize,
     resize_segmentation,
     separate_z_axis,
@@ -281,3 +287,68 @@ def test_torch_logits_match_order1_without_separate_z():
     np.testing.assert_allclose(got.numpy(), plain(logits[:, :1].astype(np.float16), (1, 10, 3), order=1), atol=1e-5)
     same = torch.zeros(2, 3, 4, 5)
     assert resample_logits_torch(same, (3, 4, 5)) is same
+
+
+# --- nnU-Net's torch resampling (the *_torchres planners) --------------------------------------------------------
+TORCH_FIXTURE = Path(__file__).parent / "fixtures" / "nnunet_torch_resampling.npz"  # make_torch_resampling_fixture
+
+
+def _torch_cases():
+    with np.load(TORCH_FIXTURE) as f:
+        cases = json.loads(str(f["cases"]))
+        arrays = {k: f[k] for k in f.files if k != "cases"}
+    return [pytest.param(c, arrays[c[0] + "/in"], arrays[c[0] + "/out"], id=c[0]) for c in cases]
+
+
+@pytest.mark.parametrize("case,data,expected", _torch_cases())
+def test_resample_torch_equals_nnunets_function(case, data, expected):
+    name, kind, _, new_shape, current, new, kwargs = case
+    is_seg = kind.startswith("seg")
+    got = resample_torch(data, new_shape, current, new, is_seg=is_seg, **kwargs)
+    assert isinstance(got, np.ndarray) and got.dtype == expected.dtype and got.shape == expected.shape
+    got_torch = resample("resample_torch_fornnunet", torch.from_numpy(data), new_shape, current, new,
+                         is_seg=is_seg, num_threads=4, **kwargs)  # nnU-Net's extra arguments are accepted
+    np.testing.assert_array_equal(got_torch.numpy(), got)
+    if is_seg:
+        np.testing.assert_array_equal(got, expected)
+        return
+    # torch's CPU kernels round the last float32 bit differently with the batch they are handed (slabs here, the
+    # whole stack in nnU-Net): equal up to rounding at the input's magnitude
+    scale = float(np.abs(data.astype(np.float32)).max())
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2 * np.spacing(np.float32(scale)))
+    if data.shape[0] < 2:
+        return
+    # the export's fast argmax: nnU-Net's labels from the logits it is handed, wherever no two channels are that close
+    labels = resampled_argmax(data.astype(np.float32), new_shape, current, new, "resample_torch_fornnunet", **kwargs)
+    top = np.sort(expected, axis=0)[-2:]
+    clear = (top[1] - top[0]) > 4 * np.spacing(np.abs(top[1]))
+    np.testing.assert_array_equal(labels[clear], np.argmax(expected, 0)[clear])
+    assert clear.mean() > 0.99
+
+
+def test_resample_torch_same_shape_returns_input():
+    data = np.zeros((1, 3, 4, 5), np.float32)
+    assert resample_torch(data, (3, 4, 5), ISO, ISO) is data
+
+
+def test_resampled_argmax_equals_argmax_of_default_resampling():
+    """Fused argmax of the default export (order 1, nearest along a separate axis, running maximum otherwise) equals
+    resampling then argmax; near-ties (quantised logits) included."""
+    rng = np.random.default_rng(7)
+    settings = [((3.0, 1.0, 1.0), (3.5, 0.7, 0.7), {}), ((1.0, 1.0, 1.0), (1.3, 0.8, 0.9), {}),
+                ((3.0, 1.0, 1.0), (2.0, 0.7, 0.7), {"order_z": 1}), ((0.7, 0.7, 3.0), (1.0, 0.5, 2.5), {})]
+    for current, new, extra in settings:
+        for quantised in (False, True):
+            logits = rng.normal(size=(3, 7, 19, 16)).astype(np.float32)
+            logits = np.round(logits * 4) / 4 if quantised else logits
+            new_shape = compute_new_shape(logits.shape[1:], current, new)
+            kwargs = {"order": 1, "order_z": 0, "force_separate_z": None, **extra}
+            expected = np.argmax(resample_data_or_seg_to_shape(logits, new_shape, current, new, **kwargs), 0)
+            got = resampled_argmax(logits, new_shape, current, new, **kwargs)
+            assert got.dtype == np.uint8
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_unknown_resampling_function_is_refused():
+    with pytest.raises(ValueError, match="unsupported resampling function"):
+        resample("no_such_fn", np.zeros((1, 2, 2, 2)), (3, 3, 3), ISO, ISO)

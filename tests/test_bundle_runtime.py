@@ -458,3 +458,29 @@ def test_cache_folder_name_changes_with_every_setting_that_changes_the_arrays(tm
                replace(base, probabilities_kwargs={**base.probabilities_kwargs, "force_separate_z": True})]
     names = {cache_folder(tmp_path, "nnUNetPlans_3d_fullres", changed).name for changed in changes}
     assert len(names) == len(changes) and name.name not in names
+
+
+def test_torchres_plans_resample_with_torch_in_and_out():
+    """Plans of nnU-Net's *_torchres planners name ``resample_torch_fornnunet``: preprocessing and the export use it."""
+    from pathlib import Path
+
+    from bundles.scripts.resampling import resample_torch
+
+    fixture = Path(__file__).parent / "fixtures" / "nnunet_torchres_plans" / "prostate_like"
+    for name, separate in (("nnUNetPlans_torchres.json", False), ("nnUNetResEncUNetLPlans_torchres_sepz.json", True)):
+        plans = json.loads((fixture / name).read_text())
+        p = PlanSettings.from_plans(plans, "3d_fullres")
+        assert p.data_fn == p.seg_fn == p.probabilities_fn == "resample_torch_fornnunet"
+        assert p.seg_kwargs["is_seg"] and p.data_kwargs["force_separate_z"] is (None if separate else False)
+        rng = np.random.default_rng(3)
+        data = rng.normal(100, 5, (len(p.normalization_schemes), 9, 30, 26)).astype(np.float32)  # nothing to crop
+        spacing = [p.spacing[0] * 1.3, p.spacing[1] * 0.8, p.spacing[2] * 0.8]
+        pre, _, props = preprocess_case(data, spacing, p)
+        normalized = normalize(data, np.zeros((1,) + data.shape[1:], np.int8), p)
+        expected = resample_torch(normalized, props["shape_after_resampling"], spacing, p.spacing, **p.data_kwargs)
+        np.testing.assert_array_equal(pre, expected)
+        logits = rng.normal(size=(3, *pre.shape[1:])).astype(np.float32)
+        labels, _ = logits_to_original(logits, props, p)
+        back = resample_torch(logits, props["shape_after_cropping_and_before_resampling"], p.spacing, spacing,
+                              **p.probabilities_kwargs)
+        np.testing.assert_array_equal(labels, np.argmax(back, 0))

@@ -37,7 +37,7 @@ def crop_to_nonzero(data: np.ndarray, seg: np.ndarray | None = None):
     data = data[(slice(None),) + window]
     mask = mask[window]
     if seg is None:
-        seg = np.where(mask, 0, -1).astype(np.int8)[None]
+        seg = (mask.astype(np.int8) - np.int8(1))[None]  # 0 inside, -1 outside (no int64 temporary)
     else:
         seg = seg[(slice(None),) + window].copy()
         if seg.dtype.kind == "u":

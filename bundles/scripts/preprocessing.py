@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
 from .cropping import crop_to_nonzero
-from .resampling import compute_new_shape, resample_data_or_seg_to_shape
+from .resampling import compute_new_shape, resample, resampled_argmax, resampling_kwargs
 
 EPS = 1e-8
 
@@ -38,10 +38,16 @@ class PlanSettings:
     data_kwargs: dict
     seg_kwargs: dict
     probabilities_kwargs: dict
+    # the plans' resampling functions by name (bundles/scripts/resampling.py, RESAMPLING_FUNCTIONS)
+    data_fn: str = "resample_data_or_seg_to_shape"
+    seg_fn: str = "resample_data_or_seg_to_shape"
+    probabilities_fn: str = "resample_data_or_seg_to_shape"
 
     @classmethod
     def from_plans(cls, plans: dict, configuration: str) -> "PlanSettings":
         config = resolve_configuration(plans, configuration)
+        default = "resample_data_or_seg_to_shape"
+        functions = {k: config.get(f"resampling_fn_{k}", default) for k in ("data", "seg", "probabilities")}
         return cls(
             spacing=list(config["spacing"]),
             transpose_forward=list(plans["transpose_forward"]),
@@ -49,9 +55,11 @@ class PlanSettings:
             normalization_schemes=list(config["normalization_schemes"]),
             use_mask_for_norm=list(config["use_mask_for_norm"]),
             intensity_properties=plans["foreground_intensity_properties_per_channel"],
-            data_kwargs=_resampling_kwargs(config["resampling_fn_data_kwargs"]),
-            seg_kwargs=_resampling_kwargs(config["resampling_fn_seg_kwargs"]),
-            probabilities_kwargs=_resampling_kwargs(config["resampling_fn_probabilities_kwargs"]),
+            data_kwargs=resampling_kwargs(functions["data"], config["resampling_fn_data_kwargs"]),
+            seg_kwargs=resampling_kwargs(functions["seg"], config["resampling_fn_seg_kwargs"]),
+            probabilities_kwargs=resampling_kwargs(functions["probabilities"],
+                                                   config["resampling_fn_probabilities_kwargs"]),
+            data_fn=functions["data"], seg_fn=functions["seg"], probabilities_fn=functions["probabilities"],
         )
 
     @property
@@ -72,10 +80,6 @@ def resolve_configuration(plans: dict, name: str) -> dict:
         seen.add(parent)
         config = {**configs[parent], **config}
     return config
-
-
-def _resampling_kwargs(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k in ("is_seg", "order", "order_z", "force_separate_z")}
 
 
 # --- axis conventions ------------------------------------------------------------------------------------------
@@ -114,25 +118,30 @@ def normalize(data: np.ndarray, seg: np.ndarray, plan: PlanSettings) -> np.ndarr
     out = np.empty_like(data, dtype=np.float32)
     for c, scheme in enumerate(plan.normalization_schemes):
         x = data[c].astype(np.float32, copy=False)
+        o = out[c]  # written in place: float32 operations in the same order, without volume-sized temporaries
         if scheme == "CTNormalization":
             props = plan.intensity_properties[str(c)]
-            x = np.clip(x, props["percentile_00_5"], props["percentile_99_5"])
-            x = (x - props["mean"]) / max(props["std"], EPS)
+            np.clip(x, props["percentile_00_5"], props["percentile_99_5"], out=o)
+            o -= props["mean"]
+            o /= max(props["std"], EPS)
         elif scheme == "ZScoreNormalization":
             if plan.use_mask_for_norm[c]:
                 mask = seg[0] >= 0
                 values = x[mask]
                 mean, std = (values.mean(), values.std()) if values.size else (0.0, 1.0)
-                x = np.where(mask, (x - mean) / max(std, EPS), 0.0)
+                o[...] = np.where(mask, (x - mean) / max(std, EPS), 0.0)
             else:
-                x = (x - x.mean()) / max(x.std(), EPS)
+                np.subtract(x, x.mean(), out=o)
+                o /= max(x.std(), EPS)
         elif scheme == "RescaleTo01Normalization":
-            x = (x - x.min()) / max(x.max() - x.min(), EPS)
+            np.subtract(x, x.min(), out=o)
+            o /= max(x.max() - x.min(), EPS)
         elif scheme == "RGBTo01Normalization":
-            x = x / 255.0
-        elif scheme != "NoNormalization":
+            np.divide(x, 255.0, out=o)
+        elif scheme == "NoNormalization":
+            o[...] = x
+        else:
             raise ValueError(f"unknown normalization scheme '{scheme}'")
-        out[c] = x
     return out
 
 
@@ -143,7 +152,9 @@ def target_spacing(plan: PlanSettings, spacing_transposed) -> list[float]:
 
 def preprocess_case(data: np.ndarray, spacing: list, plan: PlanSettings, seg: np.ndarray | None = None):
     """nnU-Net's DefaultPreprocessor on one case in nnU-Net order. Returns (data, seg, properties)."""
-    data = np.nan_to_num(data.astype(np.float32, copy=False))
+    data = data.astype(np.float32, copy=False)
+    if not np.isfinite(data).all():  # a copy only when there is something to replace
+        data = np.nan_to_num(data)
     has_seg = seg is not None
     forward = [0] + [a + 1 for a in plan.transpose_forward]
     data = data.transpose(forward)
@@ -155,8 +166,8 @@ def preprocess_case(data: np.ndarray, spacing: list, plan: PlanSettings, seg: np
     target = target_spacing(plan, spacing_t)
     new_shape = compute_new_shape(shape_cropped, spacing_t, target)
     data = normalize(data, seg, plan)
-    data = resample_data_or_seg_to_shape(data, new_shape, spacing_t, target, **plan.data_kwargs)
-    seg = resample_data_or_seg_to_shape(seg, new_shape, spacing_t, target, **plan.seg_kwargs) if has_seg else None
+    data = resample(plan.data_fn, data, new_shape, spacing_t, target, **plan.data_kwargs)
+    seg = resample(plan.seg_fn, seg, new_shape, spacing_t, target, **plan.seg_kwargs) if has_seg else None
     properties = {"shape_before_cropping": shape_before, "bbox_used_for_cropping": bbox,
                   "shape_after_cropping_and_before_resampling": shape_cropped, "spacing_transposed": spacing_t,
                   "shape_after_resampling": [int(s) for s in new_shape]}
@@ -171,8 +182,8 @@ def preprocess_previous_stage(previous: np.ndarray, properties: dict, plan: Plan
     window = (slice(None),) + tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     previous = previous[window]
     target = target_spacing(plan, properties["spacing_transposed"])
-    return resample_data_or_seg_to_shape(previous, properties["shape_after_resampling"],
-                                         properties["spacing_transposed"], target, **plan.seg_kwargs)
+    return resample(plan.seg_fn, previous, properties["shape_after_resampling"], properties["spacing_transposed"],
+                    target, **plan.seg_kwargs)
 
 
 def one_hot(seg: np.ndarray, labels) -> np.ndarray:
@@ -200,21 +211,33 @@ def labels_from_probabilities(probabilities: np.ndarray, regions_class_order=Non
 def logits_to_original(logits: np.ndarray, properties: dict, plan: PlanSettings,
                        return_probabilities: bool = False, regions_class_order=None):
     """Resample logits back, argmax (or, with ``regions_class_order``, region painting of the sigmoid), uncrop and
-    transpose back (spec 6 step 6). Label map in nnU-Net order; probabilities are softmax or per-region sigmoid."""
+    transpose back (spec 6 step 6). Label map in nnU-Net order; probabilities are softmax or per-region sigmoid.
+
+    Labels without probabilities take the argmax on the way (``resampled_argmax``: the same labels, without the
+    resampled logits at full size); with probabilities, or regions, the logits are resampled whole.
+    """
     spacing_t = properties["spacing_transposed"]
     shape_cropped = properties["shape_after_cropping_and_before_resampling"]
     current = target_spacing(plan, spacing_t)
-    logits = resample_data_or_seg_to_shape(logits.astype(np.float32, copy=False), shape_cropped, current, spacing_t,
-                                           **plan.probabilities_kwargs)
-    if regions_class_order:
-        probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy()
-        labels = paint_regions(probabilities, regions_class_order)
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().cpu().numpy()
+    logits = logits.astype(np.float32, copy=False)
+    probabilities = None
+    if return_probabilities or regions_class_order:
+        logits = resample(plan.probabilities_fn, logits, shape_cropped, current, spacing_t,
+                          **plan.probabilities_kwargs)
+        if regions_class_order:
+            probabilities = torch.sigmoid(torch.from_numpy(logits)).numpy()
+            labels = paint_regions(probabilities, regions_class_order)
+        else:
+            labels = np.argmax(logits, 0).astype(np.uint8 if logits.shape[0] < 255 else np.uint16)
     else:
-        probabilities = None
-        labels = np.argmax(logits, 0).astype(np.uint8 if logits.shape[0] < 255 else np.uint16)
+        labels = resampled_argmax(logits, shape_cropped, current, spacing_t, plan.probabilities_fn,
+                                  **plan.probabilities_kwargs)
     window = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     full = np.zeros(properties["shape_before_cropping"], labels.dtype)
     full[window] = labels
+    del labels
     backward = plan.transpose_backward
     full = full.transpose(backward)
     if not return_probabilities:
