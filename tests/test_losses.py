@@ -1,10 +1,13 @@
 """nnU-Net's training loss (spec 5.2) against a numpy transcription of its formula, and deep supervision."""
 
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
 
-from bundles.scripts.losses import DeepSupervisedLoss, NnUNetDiceCE, deep_supervision_weights
+from bundles.scripts.losses import DeepSupervisedLoss, NnUNetDiceCE, _SumOverRanks, deep_supervision_weights
+from conftest import process_group_of_one
 
 
 def numpy_dice_ce(logits, target, batch_dice, ignore_label=None):
@@ -25,17 +28,34 @@ def numpy_dice_ce(logits, target, batch_dice, ignore_label=None):
     return cross_entropy - dice.mean()
 
 
+@pytest.mark.parametrize("ddp", [False, True])
 @pytest.mark.parametrize("batch_dice", [False, True])
 @pytest.mark.parametrize("ignore_label", [None, 3])
-def test_dice_ce_equals_the_formula(batch_dice, ignore_label):
+def test_dice_ce_equals_the_formula(batch_dice, ignore_label, ddp, tmp_path):
+    """Also inside a process group (``ddp``), where a batch Dice adds its sums over the ranks: on 1 rank the same."""
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 5, 6, 4) * 3
     target = torch.randint(0, 3, (2, 1, 5, 6, 4))
     target[0, 0, 0, 0, 0] = 2  # every class in sample 0 before some voxels are ignored
     if ignore_label is not None:
         target[:, :, :2] = ignore_label
-    got = float(NnUNetDiceCE(batch_dice, ignore_label)(logits, target))
+    with process_group_of_one(tmp_path) if ddp else nullcontext():
+        got = float(NnUNetDiceCE(batch_dice, ignore_label)(logits, target))
     assert got == pytest.approx(numpy_dice_ce(logits, target, batch_dice, ignore_label), rel=1e-5, abs=1e-6)
+
+
+def test_sums_over_ranks_scale_the_gradient_for_ddps_averaging(monkeypatch):
+    """Forward: the sum over the ranks (a stand-in all-reduce adds another rank's 10); backward: every rank computes
+    the same loss from the sum and DDP divides gradients by the number of ranks, so each rank's is multiplied by it."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.add_(10.0))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    x = torch.tensor([1.0, 2.0], requires_grad=True)
+    total = _SumOverRanks.apply(x)
+    assert total.tolist() == [11.0, 12.0] and x.tolist() == [1.0, 2.0]
+    (total * torch.tensor([3.0, 4.0])).sum().backward()
+    assert x.grad.tolist() == [6.0, 8.0]
 
 
 def test_a_batch_without_annotation_gives_the_dice_term_only():

@@ -26,6 +26,16 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") else network
 
 
+def mean_over_ranks(values: list[float]) -> float:
+    """The mean of ``values`` taken together with every DDP rank's (one process: their own mean), as nnU-Net logs
+    an epoch's training loss: each rank's iteration losses gathered, then averaged, every rank's weighing the same."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, list(values))
+        values = [v for rank_values in gathered for v in rank_values]
+    return sum(values) / max(len(values), 1)
+
+
 def save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -141,7 +151,7 @@ class TrainingProgress:
     def epoch_completed(self, engine: Engine) -> None:
         h = self.history
         h["epoch"].append(engine.state.epoch)
-        h["train_loss"].append(sum(self._losses) / max(len(self._losses), 1))
+        h["train_loss"].append(mean_over_ranks(self._losses))  # every rank takes part
         h["val_pseudo_dice"].append(self.metric.last_mean)
         h.setdefault("val_pseudo_dice_per_class", []).append(list(self.metric.last_per_class))  # label or region
         h["val_ema"].append(self.metric.ema)
