@@ -210,6 +210,36 @@ class TrainingProgress:
         os.replace(tmp, self.output_dir / "progress.json")
 
 
+class ResumeSampling:
+    """Attach after ``TrainingProgress``: a resumed run draws the samples (patches and augmentations) that the
+    interrupted run would have drawn next, not its first epochs' again.
+
+    ``PatchDataset`` keys every sample's randomness by its number, counted from its ``offset``. At the start of a
+    run resumed after epoch ``e`` (``TrainingProgress`` has set the engine's epoch and iteration by then, and no
+    loader has started its workers yet) the training dataset skips the ``iteration x batch size`` samples already
+    trained on, and the validation dataset the ``e // val_interval`` passes of ``validation`` (``RollingBatches``)
+    already run. A new run starts at 0.
+    """
+
+    def __init__(self, train_loader, validation=None, val_interval: int = 1):
+        self.train_loader, self.validation, self.val_interval = train_loader, validation, int(val_interval)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+
+    def started(self, engine: Engine) -> None:
+        _skip(self.train_loader, engine.state.iteration * self.train_loader.batch_size)
+        if self.validation is not None:
+            loader = self.validation.loader
+            passes = engine.state.epoch // self.val_interval
+            _skip(loader, passes * self.validation.epoch_length * loader.batch_size)
+
+
+def _skip(loader, samples: int) -> None:
+    if hasattr(loader.dataset, "offset"):
+        loader.dataset.offset = int(samples)
+
+
 class DataWorkers:
     """Starts the validation loader's workers with training and ends every loader's workers when training completes,
     as nnU-Net starts both augmenters before the first epoch and ends them in ``on_train_end``.
