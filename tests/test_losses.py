@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bundles.scripts.losses import DeepSupervisedLoss, NnUNetDiceCE, _SumOverRanks, deep_supervision_weights
+from bundles.scripts.losses import (DeepSupervisedLoss, NnUNetDiceCE, NnUNetRegionDiceBCE, _SumOverRanks,
+                                    deep_supervision_weights, nnunet_loss)
 from conftest import process_group_of_one
 
 
@@ -104,3 +105,51 @@ def test_deep_supervised_loss_is_the_weighted_sum_over_downsampled_targets():
     torch.testing.assert_close(loss(torch.stack(outputs[:1] * 3, 1), target), component(outputs[0], target))
     single = DeepSupervisedLoss(component, 1)
     torch.testing.assert_close(single(outputs[0], target), component(outputs[0], target))
+
+
+def test_defaults_are_per_sample_dice_and_batch_dice_is_passed_on():
+    """nnU-Net's defaults: a Dice per sample; ``batch_dice`` reaches the loss it builds (a batch of 2 tells)."""
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 4, 5, 3) * 3
+    target = torch.randint(0, 3, (2, 1, 4, 5, 3))
+    for loss, batch_dice in ((nnunet_loss(), False), (NnUNetDiceCE(), False), (nnunet_loss(True), True)):
+        assert float(loss(logits, target)) == pytest.approx(numpy_dice_ce(logits, target, batch_dice), rel=1e-5)
+    regions = [[1, 2], [2]]
+    per_sample, batch = NnUNetRegionDiceBCE(regions, False), NnUNetRegionDiceBCE(regions, True)
+    default = float(NnUNetRegionDiceBCE(regions)(logits[:, :2], target))
+    assert default == float(per_sample(logits[:, :2], target)) != float(batch(logits[:, :2], target))
+
+
+def test_without_an_ignore_label_no_warning_is_raised():
+    """MONAI's masked Dice warns on every call without a mask: the losses use it only with an ignore label."""
+    import warnings
+
+    logits, target = torch.randn(2, 3, 4, 4, 4), torch.randint(0, 3, (2, 1, 4, 4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NnUNetDiceCE()(logits, target)
+        NnUNetRegionDiceBCE([[1, 2], [2]])(logits[:, :2], target)
+
+
+@pytest.mark.parametrize("weights", [[1, -1, 2], [[1, 2], [3, 4]], [1, 0, 0], [5]])
+def test_class_weights_must_be_non_negative_one_per_class_with_some_foreground(weights):
+    with pytest.raises(ValueError, match=r"^class_weights must be non-negative, one per class, not all zero: "):
+        NnUNetDiceCE(class_weights=weights)
+
+
+def test_class_weights_may_be_zero_or_fractional_and_weigh_each_sample_alike():
+    """A zero background weight and weights below 1 are fine; the weighted Dice is a mean over samples, so a batch
+    of one sample twice has the loss of that sample."""
+    torch.manual_seed(4)
+    logits, target = torch.randn(1, 3, 4, 4, 4), torch.randint(0, 3, (1, 1, 4, 4, 4))
+    for weights in ([0, 1, 2], [0.5, 0.25, 2]):
+        loss = NnUNetDiceCE(class_weights=weights)
+        twice = loss(torch.cat([logits, logits]), torch.cat([target, target]))
+        assert float(twice) == pytest.approx(float(loss(logits, target)), rel=1e-6)
+
+
+def test_a_region_of_one_label_may_be_given_as_an_int():
+    torch.manual_seed(5)
+    logits, target = torch.randn(2, 2, 4, 4, 4), torch.randint(0, 4, (2, 1, 4, 4, 4))
+    assert float(NnUNetRegionDiceBCE([[1, 2], 3])(logits, target)) == float(
+        NnUNetRegionDiceBCE([[1, 2], [3]])(logits, target))

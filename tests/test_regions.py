@@ -98,7 +98,8 @@ def test_class_weights_work_under_deep_supervision_and_are_checked():
     assert float(weighted(outputs, target)) != pytest.approx(float(plain(outputs, target)))
     with pytest.raises(ValueError, match="class_weights has 2 entries for 3 classes"):
         nnunet_loss(class_weights=[1.0, 1.0])(outputs[0], target)
-    with pytest.raises(ValueError, match="class_weights apply to label-based datasets"):
+    with pytest.raises(ValueError, match="^class_weights apply to label-based datasets; region-based training has no "
+                                         "classes$"):
         nnunet_loss(regions=BRATS, class_weights=[1, 1, 1])
 
 
