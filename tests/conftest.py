@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,16 @@ def with_lowres_and_cascade(plans: dict) -> dict:
     plans["configurations"]["3d_lowres"] = lowres
     plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
     return plans
+
+
+@contextmanager
+def process_group_of_one(folder: Path):
+    """A torch.distributed (gloo) group of this process alone: code that adds over DDP ranks takes its DDP path, whose
+    result must then be the single-process one (tests/test_ddp.py runs 2 ranks)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'ddp_store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -27,6 +27,7 @@ def test_labels_or_regions():
     brats = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing": 3}
     assert labels_or_regions(brats) == [(1, 2, 3), (2, 3), 3]  # dataset.json order
     assert labels_or_regions({"background": [0], "wt": [1, 2], "x": [2], "ignore": 4}) == [(1, 2), (2,)]
+    assert labels_or_regions({"background": 0, "a": [1], "b": 2}) == [1, 2]  # one-label lists are no regions
 
 
 def test_region_mask():
@@ -89,7 +90,7 @@ def test_shape_mismatch_is_an_error():
 def test_string_keys():
     assert key_to_str(1) == "1" and key_to_str(np.int64(2)) == "2"
     assert key_to_str((1, 2, 3)) == "(1, 2, 3)" and key_to_str((np.int64(2), np.int16(3))) == "(2, 3)"
-    assert key_to_str([2]) == "(2,)"
+    assert key_to_str([2]) == "(2,)" and key_to_str("(1, 2)") == "(1, 2)"  # strings pass through
     assert str_to_key("1") == 1 and str_to_key("(1, 2, 3)") == (1, 2, 3) and str_to_key("(2,)") == (2,)
 
 
@@ -184,19 +185,44 @@ def test_evaluate_folder_missing_predictions(folders):
         evaluate_folder(ref, pred, ".nii.gz", LABELS)
     s = evaluate_folder(ref, pred, ".nii.gz", LABELS, chill=True)
     assert len(s["metric_per_case"]) == 2
+    (pred / "c1.nii.gz").unlink()
+    with pytest.raises(ValueError, match=r"2 reference case\(s\) have no prediction in .*: c1, c2 \(pass chill"):
+        evaluate_folder(ref, pred, ".nii.gz", LABELS)
+    (pred / "notes.txt").write_text("not a prediction")  # files of other endings are no predictions
+    assert len(evaluate_folder(ref, pred, ".nii.gz", LABELS, chill=True)["metric_per_case"]) == 1
     _write(pred / "extra.nii.gz", np.zeros((3, 4, 5)))
-    with pytest.raises(ValueError, match="extra.nii.gz"):
+    _write(pred / "more.nii.gz", np.zeros((3, 4, 5)))
+    with pytest.raises(ValueError, match="for prediction\\(s\\): extra.nii.gz, more.nii.gz$"):
+        evaluate_folder(ref, pred, ".nii.gz", LABELS, chill=True)
+    for f in ("extra", "more", "c3"):
+        (pred / f"{f}.nii.gz").unlink()
+    with pytest.raises(ValueError, match=f"^no predictions ending in '.nii.gz' in {pred}$"):
         evaluate_folder(ref, pred, ".nii.gz", LABELS, chill=True)
 
 
-@pytest.mark.parametrize("change", ["shape", "spacing", "origin"])
+@pytest.mark.parametrize("change", ["shape", "spacing", "origin", "direction"])
 def test_evaluate_folder_geometry_mismatch(folders, change):
+    """The message names the prediction, what differs and the reference file."""
     ref, pred = folders
     kwargs = {"spacing": (1.0, 1.0, 2.5)} if change == "spacing" else {"origin": (0.0, 5.0, 0.0)} \
         if change == "origin" else {}
     _write(pred / "c3.nii.gz", np.zeros((3, 4, 6) if change == "shape" else (3, 4, 5)), **kwargs)
-    with pytest.raises(ValueError, match=rf"c3\.nii\.gz: {change}"):
+    if change == "direction":
+        image = sitk.ReadImage(str(pred / "c3.nii.gz"))
+        image.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+        sitk.WriteImage(image, str(pred / "c3.nii.gz"))
+    with pytest.raises(ValueError, match=rf"c3\.nii\.gz: {change} .* differs from the reference's .*"
+                                         rf"\({ref / 'c3.nii.gz'}\)$"):
         evaluate_folder(ref, pred, ".nii.gz", LABELS)
+
+
+def test_evaluate_folder_tolerates_float_noise_in_the_geometry(folders):
+    """Origins (and spacings) may differ by up to 1e-4 mm, as written by tools that round differently."""
+    ref, pred = folders
+    image = sitk.ReadImage(str(pred / "c3.nii.gz"))
+    image.SetOrigin((5e-5, 0.0, 0.0))
+    sitk.WriteImage(image, str(pred / "c3.nii.gz"))
+    assert len(evaluate_folder(ref, pred, ".nii.gz", LABELS)["metric_per_case"]) == 3
 
 
 def test_evaluate_folder_ignore_label_from_labels(tmp_path):
@@ -205,6 +231,47 @@ def test_evaluate_folder_ignore_label_from_labels(tmp_path):
     pred.mkdir()
     _write(ref / "a.nii.gz", [[[1, 1, 3, 3]]])
     _write(pred / "a.nii.gz", [[[1, 0, 1, 1]]])
-    s = evaluate_folder(ref, pred, ".nii.gz", {"background": 0, "x": 1, "y": 2, "ignore": 3})
+    _write(ref / "b.nii.gz", [[[3, 1, 0, 0]]])
+    _write(pred / "b.nii.gz", [[[1, 1, 1, 0]]])
+    labels = {"background": 0, "x": 1, "y": 2, "ignore": 3}
+    s = evaluate_folder(ref, pred, ".nii.gz", labels)
     m = s["metric_per_case"][0]["metrics"]["1"]
     assert (m["TP"], m["FP"], m["FN"], m["TN"]) == (1, 0, 1, 0)
+    m = s["metric_per_case"][1]["metrics"]["1"]
+    assert (m["TP"], m["FP"], m["FN"], m["TN"]) == (1, 1, 0, 1)
+    parallel = evaluate_folder(ref, pred, ".nii.gz", labels, processes=2)  # the worker processes ignore it too
+    assert json.dumps(parallel, sort_keys=True) == json.dumps(s, sort_keys=True)  # label 2's NaNs included
+
+
+def test_summarize_refuses_no_cases_and_handles_no_labels_and_background():
+    with pytest.raises(ValueError, match="^no cases to summarize$"):
+        summarize([], [1])
+    assert summarize([{"metrics": {}}], []) == {"metric_per_case": [{"metrics": {}, "prediction_file": None,
+                                                                     "reference_file": None}],
+                                                "mean": {}, "foreground_mean": {}}
+    # label 0 evaluated too: it is left out of the foreground mean
+    s = summarize([compute_case_metrics(np.array([0, 1, 1]), np.array([0, 0, 1]), [0, 1])], [0, 1])
+    assert s["mean"]["0"]["Dice"] == pytest.approx(2 / 3) and s["foreground_mean"]["Dice"] == pytest.approx(2 / 3)
+    assert s["mean"]["1"]["Dice"] == pytest.approx(2 / 3) and s["foreground_mean"]["n_ref"] == 2
+
+
+def test_save_summary_writes_numpy_values_and_keys_readable_by_all(tmp_path, monkeypatch):
+    """numpy scalars and int/tuple/numpy keys are written as JSON; the file is readable by everyone (0o644); it is
+    written beside the target as a hidden file that no ``*.json`` glob picks up, then renamed; a failed write
+    leaves nothing behind."""
+    import os
+    import stat
+
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(src) or replace(src, dst))
+    out = tmp_path / "summary.json"
+    save_summary({"a": np.int64(3), "b": np.float32(0.5), "keys": {(1, 2): 1, np.int64(3): 2, 4: 3}}, out)
+    assert json.loads(out.read_text()) == {"a": 3, "b": 0.5, "keys": {"(1, 2)": 1, "3": 2, "4": 3}}
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+    (tmp,) = renamed
+    name = os.path.basename(tmp)
+    assert os.path.dirname(tmp) == str(tmp_path) and name.startswith(".") and not name.endswith(".json")
+    with pytest.raises(TypeError):
+        save_summary({"a": object()}, tmp_path / "broken.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

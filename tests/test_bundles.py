@@ -225,6 +225,77 @@ def test_resume_continues_from_the_last_epoch(trained_3d, tmp_path):
     assert np.mean([h.value for h in losses]) == pytest.approx(progress["train_loss"][1], rel=1e-6)
 
 
+def assert_same_state(a, b, where="state"):
+    """Nested dicts/lists of tensors and numbers are equal, bit for bit."""
+    import torch
+
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        same = a.dtype == b.dtype and torch.equal(a, b)
+        assert same, where
+    else:
+        assert a == b or (a != a and b != b), where  # NaN equals NaN here
+
+
+def test_deterministic_resume_is_bit_exact(emitted, tmp_path):
+    """With ``deterministic``, 1 epoch then a resume gives exactly what 2 epochs straight give: weights, optimizer
+    state (momentum buffers), LR schedule, EMA, best model and progress.json (all but the epochs' durations). The
+    resumed run draws the patches and augmentations of samples 4-7 (2 iterations x batch 2 done), keyed by their
+    number, and the validation's second pass, not the first epoch's again."""
+    import torch
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    raw, _, bundles = emitted
+    settings = {"dataset_dir": str(raw), "cache_dir": str(bundles["3d_fullres"].parent / "preprocessed"),
+                "epochs": 2, "iterations_per_epoch": 2, "val_iterations": 1, "num_workers": 0, "deterministic": True}
+
+    def train(bundle, stop_after=None):
+        with bundle_on_path(bundle):
+            parser = ConfigParser()
+            parser.read_config(str(bundle / "configs/train.json"))
+            for key, value in {"bundle_root": str(bundle), **settings}.items():
+                parser[key] = value
+            parser.get_parsed_content("initialize")
+            trainer = parser.get_parsed_content("train#trainer")
+            if stop_after:
+                trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
+            torch.manual_seed(len(str(bundle)))  # the global RNG's state plays no part
+            trainer.run()
+
+    straight, resumed = (shutil.copytree(bundles["3d_fullres"], tmp_path / name / bundles["3d_fullres"].name,
+                                         ignore=shutil.ignore_patterns("models", "eval"))
+                         for name in ("straight", "resumed"))
+    train(straight)
+    train(resumed, stop_after=1)
+    interrupted = torch.load(resumed / "models/resume/checkpoint_latest.pt", weights_only=True)
+    assert interrupted["epoch"] == 1
+    train(resumed)
+    a, b = (torch.load(bundle / "models/resume/checkpoint_latest.pt", weights_only=True)
+            for bundle in (straight, resumed))
+    assert a["epoch"] == b["epoch"] == 2
+    for state in (a, b):
+        state["history"].pop("epoch_seconds")
+    assert_same_state(a, b, "checkpoint")
+    assert a["optimizer"]["state"] and a["history"]["lr"] == [0.01, 0.01 * 0.5 ** 0.9]
+    assert any(not torch.equal(a["network"][k], v) for k, v in interrupted["network"].items())  # epoch 2 trained
+    for name in ("model.pt", "model_best.pt"):
+        assert_same_state(*(torch.load(bundle / "models" / name, weights_only=True) for bundle in (straight, resumed)),
+                          name)
+    progress = [json.loads((bundle / "eval/progress.json").read_text()) for bundle in (straight, resumed)]
+    for p in progress:
+        assert len(p.pop("epoch_seconds")) == 2
+    assert progress[0] == progress[1] and progress[0]["epoch"] == [1, 2]
+
+
 def test_training_starts_from_initial_weights(emitted, tmp_path):
     """``--initial_weights`` (nnU-Net's -pretrained_weights) replaces the random initialisation: with a zero learning
     rate the trained weights are exactly the given ones, whatever the seed."""

@@ -4,6 +4,7 @@ Parity with nnU-Net comes from ``tests/fixtures/nnunet_regions.pt``, written by 
 with nnU-Net 2.8.1's own transforms, loss and label manager; the other expectations are computed by hand.
 """
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from bundles.scripts.losses import DeepSupervisedLoss, NnUNetRegionDiceBCE, nnun
 from bundles.scripts.metrics import PseudoDice
 from bundles.scripts.preprocessing import (PlanSettings, labels_from_probabilities, logits_to_original,
                                            paint_regions)
+from conftest import process_group_of_one
 
 FIXTURE = Path(__file__).parent / "fixtures" / "nnunet_regions.pt"
 BRATS = [[1, 2, 3], [2, 3], [3]]
@@ -61,25 +63,30 @@ def test_region_pseudo_dice_counts_each_region_on_its_sigmoid():
     assert metric.last_per_class == pytest.approx([6 / 8, 1.0, 2 / 3])
 
 
-def test_class_weighted_loss_equals_the_hand_computed_value():
+@pytest.mark.parametrize("batch_dice, ddp", [(False, False), (True, False), (True, True)])
+def test_class_weighted_loss_equals_the_hand_computed_value(batch_dice, ddp, tmp_path):
     """Two voxels, three classes. Logits give softmax rows p(a) = (0.5, 0.25, 0.25) at the class-1 voxel and
     p(b) = (0.2, 0.2, 0.6) at the class-2 voxel; weights (1, 2, 3).
     CE = (2 * -ln 0.25 + 3 * -ln 0.6) / (2 + 3). Dice per foreground class (smooth 1e-5):
-    class 1: 2 * 0.25 / (1 + 0.45), class 2: 2 * 0.6 / (1 + 0.85); weighted Dice = (2 d1 + 3 d2) / 5."""
+    class 1: 2 * 0.25 / (1 + 0.45), class 2: 2 * 0.6 / (1 + 0.85); weighted Dice = (2 d1 + 3 d2) / 5.
+    One sample: a batch Dice is the same, also inside a (1-rank) process group, where its sums are added over the
+    ranks."""
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]])).T.reshape(1, 3, 2, 1, 1)
     target = torch.tensor([1, 2]).reshape(1, 1, 2, 1, 1)
     ce = (2 * -np.log(0.25) + 3 * -np.log(0.6)) / 5
     d1 = (2 * 0.25 + 1e-5) / (1 + 0.45 + 1e-5)
     d2 = (2 * 0.6 + 1e-5) / (1 + 0.85 + 1e-5)
     expected = ce - (2 * d1 + 3 * d2) / 5
-    assert float(nnunet_loss(class_weights=[1, 2, 3])(logits, target)) == pytest.approx(expected, rel=1e-5)
     unweighted = -np.log([0.25, 0.6]).mean() - (d1 + d2) / 2
-    assert float(nnunet_loss()(logits, target)) == pytest.approx(unweighted, rel=1e-5)
     # with an ignore label the weighted terms see only annotated voxels: a third voxel marked 3 changes nothing
     logits3 = torch.cat([logits, torch.randn(1, 3, 1, 1, 1)], 2)
     target3 = torch.cat([target, torch.tensor([3]).reshape(1, 1, 1, 1, 1)], 2)
-    assert float(nnunet_loss(ignore_label=3, class_weights=[1, 2, 3])(logits3, target3)) == pytest.approx(
-        expected, rel=1e-5)
+    with process_group_of_one(tmp_path) if ddp else nullcontext():
+        weighted = float(nnunet_loss(batch_dice, class_weights=[1, 2, 3])(logits, target))
+        plain = float(nnunet_loss(batch_dice)(logits, target))
+        ignoring = float(nnunet_loss(batch_dice, 3, class_weights=[1, 2, 3])(logits3, target3))
+    assert weighted == pytest.approx(expected, rel=1e-5) and ignoring == pytest.approx(expected, rel=1e-5)
+    assert plain == pytest.approx(unweighted, rel=1e-5)
 
 
 def test_class_weights_work_under_deep_supervision_and_are_checked():
@@ -91,15 +98,18 @@ def test_class_weights_work_under_deep_supervision_and_are_checked():
     assert float(weighted(outputs, target)) != pytest.approx(float(plain(outputs, target)))
     with pytest.raises(ValueError, match="class_weights has 2 entries for 3 classes"):
         nnunet_loss(class_weights=[1.0, 1.0])(outputs[0], target)
-    with pytest.raises(ValueError, match="class_weights apply to label-based datasets"):
+    with pytest.raises(ValueError, match="^class_weights apply to label-based datasets; region-based training has no "
+                                         "classes$"):
         nnunet_loss(regions=BRATS, class_weights=[1, 1, 1])
 
 
 # --- parity with nnU-Net's own code -------------------------------------------------------------------------------
+@pytest.mark.parametrize("ddp", [False, True])
 @pytest.mark.parametrize("case", range(4))
-def test_region_loss_and_targets_equal_nnunets(case):
+def test_region_loss_and_targets_equal_nnunets(case, ddp, tmp_path):
     """Our loss takes the label map and builds the regions itself; nnU-Net converts to regions in the data pipeline
-    and downsamples the region masks for deep supervision. Targets and the deep-supervised loss agree."""
+    and downsamples the region masks for deep supervision. Targets and the deep-supervised loss agree, also inside
+    a (1-rank) process group, where a batch Dice adds its sums over the ranks."""
     data = fixture()
     item = data["losses"][case]
     seg, logits, ignore = item["seg"].float(), item["logits"], item["ignore_label"]
@@ -111,7 +121,8 @@ def test_region_loss_and_targets_equal_nnunets(case):
             assert torch.equal(ours == ignore, theirs[:, -1:])
     loss = DeepSupervisedLoss(nnunet_loss(item["batch_dice"], ignore, regions), len(data["scales"]))
     assert isinstance(loss.loss, NnUNetRegionDiceBCE)
-    assert float(loss(logits, seg)) == pytest.approx(item["loss"], rel=1e-5, abs=1e-6)
+    with process_group_of_one(tmp_path) if ddp else nullcontext():
+        assert float(loss(logits, seg)) == pytest.approx(item["loss"], rel=1e-5, abs=1e-6)
 
 
 def test_region_export_equals_nnunets():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, MapTransform, Randomizable
 
 from .preprocessing import (PlanSettings, one_hot, preprocess_case, preprocess_previous_stage, spacing_from_meta,
                             to_nnunet_order)
@@ -339,12 +339,17 @@ class PatchDataset(torch.utils.data.Dataset):
     and the DIAG fork's ``nnUNetTrainerV2Sparse`` do; ``sparse_sampling=False`` draws them anywhere instead (the
     fork's ``nnUNetTrainerV2SparseNormalSampling``). ``foreground_labels`` may hold regions (lists of labels): a
     forced sample then picks a region, as nnU-Net does for region-based training.
+
+    Every random draw of sample ``i`` (case, patch position, and the augmentations of ``transform``, reseeded per
+    sample) comes from a generator seeded with ``(seed, i + offset)``, so a sample is the same whichever worker makes
+    it and whenever: a resumed run sets ``offset`` to the samples already trained on (``ResumeSampling``) and draws
+    exactly what the interrupted run would have drawn next. ``seed`` defaults to torch's initial seed.
     """
 
     def __init__(self, data: list[dict], plans: dict, configuration: str, cache_root, foreground_labels: list,
                  patch_size, final_patch_size, batch_size: int, length: int, oversample_foreground: float = 0.33,
                  transform=None, two_d: bool = False, ignore_label: int | None = None, num_workers: int = 0,
-                 sparse_sampling: bool = True):
+                 sparse_sampling: bool = True, seed: int | None = None):
         data = [dict(item, case=case_of(item)) for item in data]
         self.cache_dir = _preprocess_once(data, plans, configuration, cache_root, foreground_labels, ignore_label,
                                           num_workers)
@@ -358,19 +363,12 @@ class PatchDataset(torch.utils.data.Dataset):
         self.two_d = two_d
         self.ignore_label = ignore_label
         self.sparse_sampling = sparse_sampling
-        self._rng = None
-        self._seed = None
+        self.seed = int(torch.initial_seed() if seed is None else seed) % 2**63
+        self.offset = 0
+        self.rng = np.random.default_rng(self.seed)
 
     def __len__(self):
         return self.length
-
-    @property
-    def rng(self) -> np.random.Generator:
-        # torch re-seeds every worker each epoch, so deriving the generator from it varies patches per epoch/worker.
-        seed = torch.initial_seed()
-        if self._rng is None or seed != self._seed:
-            self._rng, self._seed = np.random.default_rng(seed % 2**63), seed
-        return self._rng
 
     def _load(self, case: str):
         data = np.load(self.cache_dir / f"{case}_data.npy", mmap_mode="r")
@@ -415,6 +413,8 @@ class PatchDataset(torch.utils.data.Dataset):
         return image, label, prev
 
     def __getitem__(self, index: int):
+        index = int(index) + self.offset
+        self.rng = np.random.default_rng([self.seed, index])
         case = self.cases[self.rng.integers(len(self.cases))]
         data, seg, previous, locations = self._load(case)
         forced = index % self.batch_size >= self.first_forced
@@ -433,6 +433,8 @@ class PatchDataset(torch.utils.data.Dataset):
         item = {"image": torch.from_numpy(image), "label": torch.from_numpy(label.astype(np.float32)), "case": case}
         if prev is not None:
             item["prev"] = torch.from_numpy(prev)
+        if isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=int(self.rng.integers(2**32)))
         return self.transform(item) if self.transform is not None else item
 
 

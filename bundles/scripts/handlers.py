@@ -26,6 +26,16 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") else network
 
 
+def mean_over_ranks(values: list[float]) -> float:
+    """The mean of ``values`` taken together with every DDP rank's (one process: their own mean), as nnU-Net logs
+    an epoch's training loss: each rank's iteration losses gathered, then averaged, every rank's weighing the same."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, list(values))
+        values = [v for rank_values in gathered for v in rank_values]
+    return sum(values) / max(len(values), 1)
+
+
 def save_atomic(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -141,7 +151,7 @@ class TrainingProgress:
     def epoch_completed(self, engine: Engine) -> None:
         h = self.history
         h["epoch"].append(engine.state.epoch)
-        h["train_loss"].append(sum(self._losses) / max(len(self._losses), 1))
+        h["train_loss"].append(mean_over_ranks(self._losses))  # every rank takes part
         h["val_pseudo_dice"].append(self.metric.last_mean)
         h.setdefault("val_pseudo_dice_per_class", []).append(list(self.metric.last_per_class))  # label or region
         h["val_ema"].append(self.metric.ema)
@@ -198,6 +208,36 @@ class TrainingProgress:
         tmp = self.output_dir / f".progress.{os.getpid()}.json"
         tmp.write_text(json.dumps(h, indent=1))
         os.replace(tmp, self.output_dir / "progress.json")
+
+
+class ResumeSampling:
+    """Attach after ``TrainingProgress``: a resumed run draws the samples (patches and augmentations) that the
+    interrupted run would have drawn next, not its first epochs' again.
+
+    ``PatchDataset`` keys every sample's randomness by its number, counted from its ``offset``. At the start of a
+    run resumed after epoch ``e`` (``TrainingProgress`` has set the engine's epoch and iteration by then, and no
+    loader has started its workers yet) the training dataset skips the ``iteration x batch size`` samples already
+    trained on, and the validation dataset the ``e // val_interval`` passes of ``validation`` (``RollingBatches``)
+    already run. A new run starts at 0.
+    """
+
+    def __init__(self, train_loader, validation=None, val_interval: int = 1):
+        self.train_loader, self.validation, self.val_interval = train_loader, validation, int(val_interval)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+
+    def started(self, engine: Engine) -> None:
+        _skip(self.train_loader, engine.state.iteration * self.train_loader.batch_size)
+        if self.validation is not None:
+            loader = self.validation.loader
+            passes = engine.state.epoch // self.val_interval
+            _skip(loader, passes * self.validation.epoch_length * loader.batch_size)
+
+
+def _skip(loader, samples: int) -> None:
+    if hasattr(loader.dataset, "offset"):
+        loader.dataset.offset = int(samples)
 
 
 class DataWorkers:

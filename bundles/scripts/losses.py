@@ -9,11 +9,17 @@ commutes with a voxel-wise conversion). The wrapper takes the per-output loss fr
 ``train.json``), so MONAI's ``DiceCELoss`` or another loss can replace nnU-Net's without touching code. Deep
 supervision uses MONAI's ``DeepSupervisionLoss``, which resizes the target to each output (nearest-exact), after the
 network's output is split into a list.
+
+Under DDP, a batch Dice is nnU-Net's: its intersections and sums are added over the ranks before the Dice is taken,
+so every rank's Dice term is that of the global batch (nnU-Net's ``ddp=True`` in its Dice losses). Everything else
+is per rank: cross-entropy is the mean over the rank's own voxels, a per-sample Dice the mean over its own samples,
+and DDP averages the ranks' gradients with equal weights, as nnU-Net's DDP training does.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monai.losses import DeepSupervisionLoss, DiceLoss, MaskedDiceLoss
 from torch import nn
@@ -28,6 +34,41 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
         weights[-1] = 0.0
     total = sum(weights)
     return [w / total for w in weights]
+
+
+SMOOTH = 1e-5
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the DDP ranks. Every rank computes the same loss from the sum, so each gets the
+    same gradient for it; that gradient is scaled by the number of ranks because DDP divides the parameters'
+    gradients by it (nnU-Net's ``AllGatherGrad`` sums the gradient over the ranks, the same thing)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * dist.get_world_size()
+
+
+def global_batch_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, mask=None) -> torch.Tensor:
+    """1 - soft Dice per channel over the batches of all DDP ranks together (smooth 1e-5 in numerator and
+    denominator, as MONAI's ``DiceLoss(batch=True)`` on one process): intersections, target sums and prediction
+    sums are added over the ranks first. ``mask`` (B, 1, ...) leaves voxels out."""
+    if mask is not None:
+        probabilities, target = probabilities * mask, target * mask
+    axes = [0] + list(range(2, probabilities.ndim))
+    sums = torch.stack([(probabilities * target).sum(axes), target.sum(axes), probabilities.sum(axes)])
+    intersection, ground, predicted = _SumOverRanks.apply(sums)
+    return 1.0 - (2.0 * intersection + SMOOTH) / (ground + predicted + SMOOTH)
 
 
 def nnunet_loss(batch_dice: bool = False, ignore_label: int | None = None, regions=None, class_weights=None):
@@ -56,18 +97,22 @@ class NnUNetDiceCE(nn.Module):
 
     def __init__(self, batch_dice: bool = False, ignore_label: int | None = None, class_weights=None):
         super().__init__()
-        self.ignore_label = ignore_label
+        self.ignore_label, self.batch_dice = ignore_label, batch_dice
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         if weights is not None and (weights.ndim != 1 or (weights < 0).any() or weights[1:].sum() <= 0):
             raise ValueError(f"class_weights must be non-negative, one per class, not all zero: {class_weights}")
         self.register_buffer("class_weights", weights)
         reduction = "mean" if weights is None else "none"
-        kwargs = dict(include_background=False, softmax=True, batch=batch_dice, smooth_nr=1e-5, smooth_dr=1e-5,
+        kwargs = dict(include_background=False, softmax=True, batch=batch_dice, smooth_nr=SMOOTH, smooth_dr=SMOOTH,
                       reduction=reduction)
         self.dice = DiceLoss(**kwargs) if ignore_label is None else MaskedDiceLoss(**kwargs)
 
     def _dice_term(self, logits, onehot, mask=None) -> torch.Tensor:
-        dice = self.dice(logits, onehot) if mask is None else self.dice(logits, onehot, mask)
+        if self.batch_dice and _distributed():
+            dice = global_batch_dice_loss(torch.softmax(logits, 1)[:, 1:], onehot[:, 1:], mask)
+            dice = dice if self.class_weights is not None else dice.mean()
+        else:
+            dice = self.dice(logits, onehot) if mask is None else self.dice(logits, onehot, mask)
         if self.class_weights is not None:
             if len(self.class_weights) != logits.shape[1]:
                 raise ValueError(f"class_weights has {len(self.class_weights)} entries for {logits.shape[1]} classes")
@@ -108,16 +153,21 @@ class NnUNetRegionDiceBCE(nn.Module):
     def __init__(self, regions, batch_dice: bool = False, ignore_label: int | None = None):
         super().__init__()
         self.regions = [[int(v) for v in (r if isinstance(r, (list, tuple)) else [r])] for r in regions]
-        self.ignore_label = ignore_label
-        kwargs = dict(include_background=True, sigmoid=True, batch=batch_dice, smooth_nr=1e-5, smooth_dr=1e-5)
+        self.ignore_label, self.batch_dice = ignore_label, batch_dice
+        kwargs = dict(include_background=True, sigmoid=True, batch=batch_dice, smooth_nr=SMOOTH, smooth_dr=SMOOTH)
         self.dice = DiceLoss(**kwargs) if ignore_label is None else MaskedDiceLoss(**kwargs)
+
+    def _dice_term(self, logits, masks, annotated=None) -> torch.Tensor:
+        if self.batch_dice and _distributed():
+            return global_batch_dice_loss(torch.sigmoid(logits), masks, annotated).mean() - 1.0
+        return (self.dice(logits, masks) if annotated is None else self.dice(logits, masks, annotated)) - 1.0
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         masks = region_masks(target, self.regions).to(logits.dtype)
         if self.ignore_label is None:
-            return self.dice(logits, masks) - 1.0 + F.binary_cross_entropy_with_logits(logits, masks)
+            return self._dice_term(logits, masks) + F.binary_cross_entropy_with_logits(logits, masks)
         annotated = (target.round() != self.ignore_label).to(logits.dtype)
-        dice = self.dice(logits, masks, annotated) - 1.0
+        dice = self._dice_term(logits, masks, annotated)
         bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none") * annotated
         return dice + bce.sum() / torch.clamp(annotated.sum(), min=1e-8)
 
