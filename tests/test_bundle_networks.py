@@ -326,7 +326,7 @@ def test_training_steps_reproduce_nnunets_own():
     (benchmarks/make_network_fixture.py) against the bundle's loss, the optimizer settings of train.json and its
     gradient-clipping hook. Every step's loss and the final weights agree."""
     from bundles.scripts.handlers import clip_gradients_hook
-    from bundles.scripts.losses import DeepSupervisedLoss, NnUNetDiceCE
+    from bundles.scripts.losses import DeepSupervisedLoss, NnUNetDiceCE, nnunet_loss
 
     fixture = torch.load(PLAIN_FIXTURE, weights_only=True)["anisotropic_3d"]
     template = json.loads((ROOT / "bundles" / "templates" / "train.json").read_text())
@@ -338,12 +338,15 @@ def test_training_steps_reproduce_nnunets_own():
     assert settings == {"momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
     assert template["optimizer"]["_target_"] == "torch.optim.SGD"
     assert template["loss"]["_target_"] == "scripts.losses.DeepSupervisedLoss"
-    assert template["loss_component"]["_target_"] == "scripts.losses.NnUNetDiceCE"
+    assert template["loss_component"]["_target_"] == "scripts.losses.nnunet_loss"
+    component = nnunet_loss(template["batch_dice"], template["ignore_label"], template["regions"],
+                            template["class_weights"])
+    assert isinstance(component, NnUNetDiceCE)  # labels, no ignore label, no class weights: nnU-Net's Dice + CE
     arch = fixture["arch_kwargs"]
     net = PlainConvUNet(3, fixture["in_channels"], fixture["out_channels"], arch["features_per_stage"],
                         arch["kernel_sizes"], arch["strides"], 2, 2)
     net.load_state_dict(nnunet_state_dict(fixture["state_dict"]), strict=True)
-    loss_fn = DeepSupervisedLoss(NnUNetDiceCE(), num_outputs=len(fixture["train_outputs"]))
+    loss_fn = DeepSupervisedLoss(component, num_outputs=len(fixture["train_outputs"]))
     optimizer = torch.optim.SGD(net.parameters(), lr=template["learning_rate"], **settings)
     optimizer.register_step_pre_hook(clip_gradients_hook(net, template["grad_clip_norm"]))
     net.train()

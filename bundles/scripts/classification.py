@@ -403,44 +403,16 @@ class MultiTaskProgress(TrainingProgress):
                     f"macro-F1 {h['val_class_macro_f1'][-1]:.4f}")
         super().epoch_completed(engine)
 
-    def plot(self) -> None:
-        """progress.png: losses with pseudo-Dice and classification accuracy / macro-F1, epoch time, learning rate."""
-        import matplotlib
+    def extra_panels(self) -> list:
+        """The classification panel of progress.png: validation accuracy and macro-F1 per epoch."""
+        def draw(axis, h):
+            axis.plot(h["epoch"], h.get("val_class_accuracy", []), "b-", label="classification accuracy")
+            axis.plot(h["epoch"], h.get("val_class_macro_f1", []), "r-", label="classification macro-F1")
+            axis.set_ylim(-0.02, 1.02)
+            axis.set_ylabel("validation (lesion patches)")
+            axis.legend(loc="upper left")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        h = self.history
-        fig, axes = plt.subplots(4, 1, figsize=(10, 15))
-        axes[0].plot(h["epoch"], h["train_loss"], label="train loss")
-        axes[0].set_ylabel("loss")
-        dice_axis = axes[0].twinx()
-        dice_axis.plot(h["epoch"], h["val_pseudo_dice"], "g:", label="pseudo Dice")
-        dice_axis.plot(h["epoch"], [v if v is not None else float("nan") for v in h["val_ema"]], "g-",
-                       label="pseudo Dice (EMA)")
-        dice_axis.set_ylabel("pseudo Dice")
-        axes[0].legend(loc="upper left")
-        dice_axis.legend(loc="upper right")
-        axes[1].plot(h["epoch"], h.get("val_class_accuracy", []), "b-", label="classification accuracy")
-        axes[1].plot(h["epoch"], h.get("val_class_macro_f1", []), "r-", label="classification macro-F1")
-        axes[1].set_ylim(-0.02, 1.02)
-        axes[1].set_ylabel("validation (lesion patches)")
-        axes[1].legend(loc="upper left")
-        axes[2].plot(h["epoch"], h["epoch_seconds"])
-        axes[2].set_ylabel("epoch time (s)")
-        axes[3].plot(h["epoch"], h["lr"])
-        axes[3].set_ylabel("learning rate")
-        axes[3].set_xlabel("epoch")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / f".progress.{os.getpid()}.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.output_dir / "progress.png")
-        import json
-
-        tmp = self.output_dir / f".progress.{os.getpid()}.json"
-        tmp.write_text(json.dumps(h, indent=1))
-        os.replace(tmp, self.output_dir / "progress.json")
+        return [draw]
 
 
 # --- inference -------------------------------------------------------------------------------------------------

@@ -177,15 +177,24 @@ class TrainingProgress:
         if self.enabled:
             save_atomic(_unwrap(self.network).state_dict(), self.ckpt_dir / "model.pt")
 
+    def extra_panels(self) -> list:
+        """Functions ``(axis, history)`` drawing panels between the loss and the epoch-time panels (none here)."""
+        return []
+
     def plot(self) -> None:
-        """progress.png like nnU-Net's: losses and pseudo-Dice, epoch duration, learning rate."""
+        """progress.png like nnU-Net's: losses and pseudo-Dice, any ``extra_panels``, epoch duration, learning rate;
+        and progress.json with the history."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         h = self.history
-        fig, axes = plt.subplots(3, 1, figsize=(10, 12))
+        extra = self.extra_panels()
+        fig, axes = plt.subplots(3 + len(extra), 1, figsize=(10, 12 + 3 * len(extra)))
+        for draw, axis in zip(extra, axes[1:]):
+            draw(axis, h)
+        axes = [axes[0], *axes[1 + len(extra):]]
         axes[0].plot(h["epoch"], h["train_loss"], label="train loss")
         axes[0].set_ylabel("loss")
         dice_axis = axes[0].twinx()
