@@ -20,14 +20,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nnunet_venv import ensure_nnunet_venv  # noqa: E402
+from nnunet_venv import fixture_venv_python, write_fixture  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nnunet_plain_unets.pt"
 
@@ -121,16 +119,8 @@ def train_steps(net, case, steps=4):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
-    args = ap.parse_args(argv)
-    python = ensure_nnunet_venv(args.venv)
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FIXTURE.with_name(f".{FIXTURE.name}.tmp")
-    subprocess.run([str(python), "-c", _BUILD.replace("fixture = {}", _TRAIN + "\nfixture = {}"),
-                    json.dumps(CASES), str(tmp)], check=True)
-    tmp.replace(FIXTURE)
-    print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")
+    python = fixture_venv_python(__doc__, argv)
+    write_fixture(python, FIXTURE, _BUILD.replace("fixture = {}", _TRAIN + "\nfixture = {}"), json.dumps(CASES))
     return 0
 
 

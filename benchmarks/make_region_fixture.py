@@ -27,13 +27,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nnunet_venv import ensure_nnunet_venv  # noqa: E402
+from nnunet_venv import fixture_venv_python, write_fixture  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nnunet_regions.pt"
 FINGERPRINT = FIXTURE.with_name("nnunet_ignore_fingerprint.json")
@@ -133,12 +132,8 @@ def ignore_label_fingerprint(python: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--venv", type=Path, default=None, help="nnU-Net venv (default: see nnunet_venv.py)")
-    args = parser.parse_args(argv)
-    python = ensure_nnunet_venv(args.venv)
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(python), "-c", GENERATOR, str(FIXTURE)], check=True)
+    python = fixture_venv_python(__doc__, argv)
+    write_fixture(python, FIXTURE, GENERATOR)
     ignore_label_fingerprint(python)
     return 0
 

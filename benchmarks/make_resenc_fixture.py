@@ -15,15 +15,13 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_network_fixture import _COMMON  # noqa: E402
-from nnunet_venv import ensure_nnunet_venv  # noqa: E402
+from nnunet_venv import fixture_venv_python, write_fixture  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nnunet_resenc_unets.pt"
 
@@ -72,15 +70,7 @@ torch.save(fixture, out)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
-    args = ap.parse_args(argv)
-    python = ensure_nnunet_venv(args.venv)
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FIXTURE.with_name(f".{FIXTURE.name}.tmp")
-    subprocess.run([str(python), "-c", _BUILD, json.dumps(CASES), str(tmp)], check=True)
-    tmp.replace(FIXTURE)
-    print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")
+    write_fixture(fixture_venv_python(__doc__, argv), FIXTURE, _BUILD, json.dumps(CASES))
     return 0
 
 

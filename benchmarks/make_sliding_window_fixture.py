@@ -21,14 +21,12 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nnunet_venv import ensure_nnunet_venv  # noqa: E402
+from nnunet_venv import fixture_venv_python, write_fixture  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nnunet_sliding_window.pt"
 
@@ -51,7 +49,8 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 
-steps_cases, gaussian_cases, prediction_cases, out_channels, out = json.loads(sys.argv[1])
+steps_cases, gaussian_cases, prediction_cases, out_channels = json.loads(sys.argv[1])
+out = sys.argv[2]
 
 
 class TileProbe(torch.nn.Module):
@@ -95,16 +94,8 @@ torch.save(fixture, out)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
-    args = ap.parse_args(argv)
-    python = ensure_nnunet_venv(args.venv)
-    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FIXTURE.with_name(f".{FIXTURE.name}.tmp")
-    subprocess.run([str(python), "-c", _SCRIPT, json.dumps([STEPS, GAUSSIANS, PREDICTIONS, OUT_CHANNELS, str(tmp)])],
-                   check=True)
-    tmp.replace(FIXTURE)
-    print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes)")
+    write_fixture(fixture_venv_python(__doc__, argv), FIXTURE, _SCRIPT,
+                  json.dumps([STEPS, GAUSSIANS, PREDICTIONS, OUT_CHANNELS]))
     return 0
 
 

@@ -108,6 +108,23 @@ def ensure_nnunet_venv(path: str | os.PathLike | None = None) -> Path:
     return py
 
 
+
+def fixture_venv_python(doc: str, argv=None) -> Path:
+    """The fixture generators' command line (``--venv DIR``): returns the venv's python, prepared when needed."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
+    return ensure_nnunet_venv(ap.parse_args(argv).venv)
+
+
+def write_fixture(python: Path, fixture: Path, script: str, *args) -> None:
+    """Runs ``script`` with the venv's ``python`` (arguments: ``args``, then the file to write) and moves the file
+    it wrote to ``fixture`` atomically."""
+    fixture.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fixture.with_name(f".{fixture.name}.tmp")
+    subprocess.run([str(python), "-c", script, *map(str, args), str(tmp)], check=True)
+    tmp.replace(fixture)
+    print(f"wrote {fixture} ({fixture.stat().st_size} bytes)")
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--path", default=None,

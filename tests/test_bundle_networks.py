@@ -23,19 +23,13 @@ from conftest import HIPPOCAMPUS_PLANS, ROOT
 
 # torch 2.13 deprecates TorchScript, which bundles still need; torch's own shape checks warn while tracing
 pytestmark = [pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning"),
-              pytest.mark.filterwarnings(r"ignore::torch.jit.TracerWarning:torch\.nn\..*")]
+              pytest.mark.filterwarnings(r"ignore::torch.jit.TracerWarning:torch\.nn\..*"),
+              pytest.mark.usefixtures("single_thread")]
 
 requires_plans = pytest.mark.skipif(not HIPPOCAMPUS_PLANS.is_dir(),
                                     reason="../shared/reference/nnunet_plans (nnU-Net's Hippocampus plans) is absent")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP threads crawl (x100) when other processes load the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY = dict(features_per_stage=[4, 8, 16], kernel_sizes=[3, 3, 3], n_blocks_per_stage=[1, 2, 2],

@@ -14,12 +14,7 @@ from conftest import ROOT
 FIXTURE = torch.load(ROOT / "tests" / "fixtures" / "nnunet_sliding_window.pt", weights_only=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class TileProbe(nn.Module):
