@@ -234,7 +234,7 @@ def ours_predict(args) -> int:
     from monai.bundle import ConfigWorkflow
     from treemem import TreeMemoryMonitor
 
-    _Timed.monitor = TreeMemoryMonitor()
+    _Timed.monitor = TreeMemoryMonitor() if args.memory else None
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,8 +258,28 @@ def ours_predict(args) -> int:
     workflow.finalize()
     Path(args.result).write_text(json.dumps({"setup_s": setup_s, "threads": torch.get_num_threads(),
                                              "run_s": time.perf_counter() - started - setup_s,
-                                             "peak_mb_by_phase": _Timed.monitor.stop()}))
+                                             "peak_mb_by_phase": _Timed.monitor.stop() if args.memory else None}))
     return 0
+
+
+def ours_run(args, work: Path, tag: str, bundle: Path, big: Path, out: Path, memory: bool, env: dict) -> dict:
+    """One measured ``ours-predict`` subprocess; with its phase split (and, in memory runs, peaks per phase)."""
+    split = work / f"{tag}.split.jsonl"
+    split.unlink(missing_ok=True)
+    cmd = [sys.executable, Path(__file__).resolve(), "ours-predict", "--bundle", bundle, "--input", big, "--output",
+           out, "--workers", args.processes - 1, "--threads", args.threads, "--split-log", split, "--result",
+           work / f"{tag}.json"] + (["--memory"] if memory else [])
+    m = bu.run_measured(cmd, env=env, log=work / f"{tag}.log", memory=memory)
+    if split.is_file():
+        phases: dict = {}
+        for line in split.read_text().splitlines():
+            rec = json.loads(line)
+            phases[rec["phase"]] = phases.get(rec["phase"], 0.0) + rec["s"]
+        m["split_s"] = phases
+    if (work / f"{tag}.json").is_file():
+        m["driver"] = json.loads((work / f"{tag}.json").read_text())
+    m["cmd"] = cmd
+    return m
 
 
 # --- comparison --------------------------------------------------------------------------------------------------
@@ -290,6 +310,7 @@ def main(argv=None) -> int:
     o.add_argument("--threads", type=int, default=0)
     o.add_argument("--split-log", required=True)
     o.add_argument("--result", required=True)
+    o.add_argument("--memory", action="store_true", help="poll the process tree's memory per phase")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"cached setup (default {DEFAULT_WORK})")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
@@ -347,61 +368,57 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             order = ("ours", "nnunet") if rep % 2 == 0 else ("nnunet", "ours")
             outs = {}
-            for tool in order:
-                key = f"{preset}/{tool}/{rep}"
-                out = work / "predictions" / preset / f"{tool}_{rep}"
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                tag = f"{preset}_{tool}_{rep}"
-                if tool == "nnunet":
-                    cmd = [nn_bin / "nnUNetv2_predict", "-i", big, "-o", out, "-d", DATASET_ID, "-c", "3d_fullres",
-                           "-f", "0", "-p", plans_name, "-device", "cpu", "-npp", args.processes,
-                           "-nps", args.processes]
-                    m = bu.run_measured(cmd, env=nn_env, log=work / f"{tag}.log")
-                else:
-                    split = work / f"{tag}.split.jsonl"
-                    split.unlink(missing_ok=True)
-                    cmd = [sys.executable, Path(__file__).resolve(), "ours-predict", "--bundle", bundles[preset],
-                           "--input", big, "--output", out, "--workers", args.processes - 1, "--threads",
-                           args.threads, "--split-log", split, "--result", work / f"{tag}.json"]
-                    m = bu.run_measured(cmd, env=ours_env, log=work / f"{tag}.log")
-                    if split.is_file():
-                        phases: dict = {}
-                        for line in split.read_text().splitlines():
-                            rec = json.loads(line)
-                            phases[rec["phase"]] = phases.get(rec["phase"], 0.0) + rec["s"]
-                        m["split_s"] = phases
-                    if (work / f"{tag}.json").is_file():
-                        m["driver"] = json.loads((work / f"{tag}.json").read_text())
-                m["command"] = " ".join(str(c) for c in cmd)
-                files = sorted(out.glob("*.nii.gz"))
-                if m["returncode"] != 0 or len(files) != 1:
-                    exit_code = 2
-                    m["error_tail"] = bu.log_tail(work / f"{tag}.log")
-                    bu.print_failure(key, m)
-                else:
-                    outs[tool] = files[0]
-                print(f"{key}: {m['wall_s']:.1f} s, peak PSS {m['peak_pss_mb']:.0f} MB, RSS {m['peak_rss_mb']:.0f} "
-                      f"MB, {m['max_processes']} processes, foreign CPU {m['foreign_cpu_fraction']:.0%}"
-                      + (f", split {json.dumps({k: round(v, 1) for k, v in m['split_s'].items()})}"
-                         if m.get("split_s") else ""), flush=True)
-                result["runs"][key] = m
+            for kind in ("time", "memory"):  # wall times unpolled; peaks from separate, polled runs
+                for tool in order:
+                    key = f"{preset}/{tool}/{rep}" + ("/memory" if kind == "memory" else "")
+                    out = work / "predictions" / preset / f"{tool}_{rep}_{kind}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    out.mkdir(parents=True)
+                    tag = f"{preset}_{tool}_{rep}_{kind}"
+                    if tool == "nnunet":
+                        cmd = [nn_bin / "nnUNetv2_predict", "-i", big, "-o", out, "-d", DATASET_ID, "-c",
+                               "3d_fullres", "-f", "0", "-p", plans_name, "-device", "cpu", "-npp", args.processes,
+                               "-nps", args.processes]
+                        m = bu.run_measured(cmd, env=nn_env, log=work / f"{tag}.log", memory=kind == "memory")
+                    else:
+                        m = ours_run(args, work, tag, bundles[preset], big, out, kind == "memory", ours_env)
+                        cmd = m.pop("cmd")
+                    m["command"] = " ".join(str(c) for c in cmd)
+                    files = sorted(out.glob("*.nii.gz"))
+                    if m["returncode"] != 0 or len(files) != 1:
+                        exit_code = 2
+                        m["error_tail"] = bu.log_tail(work / f"{tag}.log")
+                        bu.print_failure(key, m)
+                    elif kind == "time":
+                        outs[tool] = files[0]
+                    print(f"{key}: {m['wall_s']:.1f} s" + (
+                        f", peak PSS {m['peak_pss_mb']:.0f} MB, RSS {m['peak_rss_mb']:.0f} MB, "
+                        f"{m['max_processes']} processes" if kind == "memory" else "")
+                        + f", foreign CPU {m['foreign_cpu_fraction']:.0%}"
+                        + (f", split {json.dumps({k: round(v, 1) for k, v in m['split_s'].items()})}"
+                           if m.get("split_s") else ""), flush=True)
+                    result["runs"][key] = m
             if len(outs) == 2:
                 agree = agreement(outs["ours"], outs["nnunet"], labels)
                 result["runs"][f"{preset}/agreement/{rep}"] = agree
                 print(f"{preset}/agreement/{rep}: {json.dumps(agree)}", flush=True)
     rows = []
     for preset in args.presets:
-        ours = [v for k, v in result["runs"].items() if k.startswith(f"{preset}/ours/") and v["returncode"] == 0]
-        nn = [v for k, v in result["runs"].items() if k.startswith(f"{preset}/nnunet/") and v["returncode"] == 0]
+        def ok(tool, kind):
+            return [v for k, v in result["runs"].items() if k.startswith(f"{preset}/{tool}/")
+                    and k.endswith("/memory") == (kind == "memory") and v["returncode"] == 0]
+
+        ours, nn, ours_mem, nn_mem = ok("ours", "time"), ok("nnunet", "time"), ok("ours", "memory"), ok("nnunet",
+                                                                                                         "memory")
         if not ours or not nn:
             continue
         best_o, best_n = min(ours, key=lambda m: m["wall_s"]), min(nn, key=lambda m: m["wall_s"])
-        rows += [(f"{preset}: wall s (best)", best_o["wall_s"], best_n["wall_s"], ".1f"),
-                 (f"{preset}: peak PSS MB (max)", max(m["peak_pss_mb"] for m in ours),
-                  max(m["peak_pss_mb"] for m in nn), ".0f"),
-                 (f"{preset}: peak RSS MB (max)", max(m["peak_rss_mb"] for m in ours),
-                  max(m["peak_rss_mb"] for m in nn), ".0f")]
+        rows.append((f"{preset}: wall s (best, unpolled)", best_o["wall_s"], best_n["wall_s"], ".1f"))
+        if ours_mem and nn_mem:
+            rows += [(f"{preset}: peak PSS MB (max)", max(m["peak_pss_mb"] for m in ours_mem),
+                      max(m["peak_pss_mb"] for m in nn_mem), ".0f"),
+                     (f"{preset}: peak RSS MB (max)", max(m["peak_rss_mb"] for m in ours_mem),
+                      max(m["peak_rss_mb"] for m in nn_mem), ".0f")]
         for phase in ("load", "preprocess", "network", "resample_back", "write"):
             rows.append((f"{preset}: ours {phase} s", best_o.get("split_s", {}).get(phase), None, ".1f"))
     print()

@@ -116,9 +116,13 @@ def wait_for_quiet(max_wait_s: float = 0.0, threshold: float = 0.25, window_s: f
 
 
 def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike | None = None,
-                 log: Path | None = None, timeout: float | None = None) -> dict:
+                 log: Path | None = None, timeout: float | None = None, memory: bool = True) -> dict:
     """Run cmd; start time (to line up with the command's log), wall time, exit code, peak summed RSS/PSS of its
-    process tree, CPU use of the tree and of the rest."""
+    process tree, CPU use of the tree and of the rest.
+
+    ``memory=False`` polls only for the exit (every ``POLL_S``), without reading the tree's memory: reading
+    smaps_rollup of large processes 20 times a second slows them (contention on the kernel's memory-map lock), so
+    wall times meant for comparison come from such runs and peaks from separate ones (peaks are then 0)."""
     out = open(log, "wb") if log else subprocess.DEVNULL
     self0 = _self_cpu()
     busy0, _ = _system_cpu()
@@ -131,9 +135,10 @@ def run_measured(cmd: list[str], env: dict | None = None, cwd: str | os.PathLike
         pid, status, rusage = os.wait4(p.pid, os.WNOHANG)
         if pid == p.pid:
             break
-        rss, pss, n_procs = tree_rss_pss(p.pid)
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        max_procs = max(max_procs, n_procs)
+        if memory:
+            rss, pss, n_procs = tree_rss_pss(p.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            max_procs = max(max_procs, n_procs)
         if timeout is not None and time.perf_counter() - t0 > timeout:
             timed_out = True
             for q in reversed(tree(p.pid)):

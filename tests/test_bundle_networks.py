@@ -491,14 +491,13 @@ class Counting(nn.Module):
         return self.conv(x) + x.cumsum(-1)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("dims,axes", [(3, (0, 1, 2)), (2, (0, 1)), (3, (1, 2)), (3, ())])
-def test_mirror_tta_is_manual_flip_average(dims, axes, batch):
+def test_mirror_tta_is_manual_flip_average(dims, axes):
     net = Counting(dims)
     x = torch.randn(2, 1, *[6, 7, 5][:dims])
     with torch.no_grad():
-        got = MirrorTTA(net, axes, batch=batch)(x)
-        assert net.calls == (-(-2 ** len(axes) // batch) if axes else 1)  # passes run `batch` at a time
+        got = MirrorTTA(net, axes)(x)
+        assert net.calls == 2 ** len(axes)
         dims_sets = [[a + 2 for a in c] for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
         manual = sum(torch.flip(net(torch.flip(x, d)), d) if d else net(x) for d in dims_sets) / len(dims_sets)
     assert torch.allclose(got, manual, atol=1e-6)
@@ -547,24 +546,10 @@ def test_resenc_scripts_with_and_without_deep_supervision():
     x = torch.randn(1, 1, 16, 16, 16)
     scripted = torch.jit.script(net)
     scripted_tta = torch.jit.script(MirrorTTA(net.eval(), (0,)))
-    scripted_batched = torch.jit.script(MirrorTTA(net.eval(), (0, 1, 2), batch=8))
     with torch.no_grad():
         assert torch.allclose(scripted.eval()(x), net.eval()(x), atol=1e-6)
         assert [o.shape[2:] for o in scripted.train()(x)] == [(16, 16, 16), (8, 8, 8)]
         assert torch.allclose(scripted_tta(x), MirrorTTA(net.eval(), (0,))(x), atol=1e-6)
-        assert torch.allclose(scripted_batched(x), MirrorTTA(net.eval(), (0, 1, 2))(x), atol=1e-5)
-
-
-def test_tta_batch_size_is_batched_on_cpu_within_budget():
-    from bundles.scripts.inference import tta_batch_size
-
-    net = tiny_resenc()
-    first = next(m for m in net.modules() if isinstance(m, nn.Conv3d)).out_channels
-    assert tta_batch_size(net, (16, 16, 16), 8, torch.device("cpu")) == 8
-    assert tta_batch_size(net, (16, 16, 16), 8, torch.device("cuda")) == 1  # GPUs keep one pass at a time
-    per_pass = 16 ** 3 * first * 4 * 8
-    assert tta_batch_size(net, (16, 16, 16), 8, "cpu", budget=3 * per_pass) == 3
-    assert tta_batch_size(net, (16, 16, 16), 8, "cpu", budget=1) == 1
 
 
 def test_mirror_tta_as_sliding_window_network():

@@ -70,20 +70,6 @@ def gaussian_importance(tile_size, sigma_scale: float = 0.125) -> np.ndarray:
     return weights
 
 
-TTA_BATCH_BUDGET = 2 * 2**30  # bytes of activations a batched TTA pass may take on a CPU
-
-
-def tta_batch_size(network, roi_size, passes: int, device, budget: int = TTA_BATCH_BUDGET) -> int:
-    """How many mirrored passes run as one batch: on a CPU as many as an estimate of their activations allows
-    (window voxels x the first convolution's channels x 4 bytes x 8 live tensors per pass); elsewhere 1."""
-    if getattr(device, "type", device) != "cpu" or not isinstance(network, nn.Module):
-        return 1
-    convs = [m for m in network.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    features = convs[0].out_channels if convs else 32
-    per_pass = int(np.prod(roi_size)) * features * 4 * 8
-    return int(max(1, min(passes, budget // max(per_pass, 1))))
-
-
 class NnUNetInferer(SlidingWindowInferer):
     """Sliding-window prediction as nnU-Net's predictor makes it, plus its mirroring TTA.
 
@@ -96,18 +82,16 @@ class NnUNetInferer(SlidingWindowInferer):
 
     ``mirror_axes`` are spatial axes of the patch ((0, 1, 2) for 3-D, (0, 1) for 2-D; ``()`` disables TTA). With
     ``two_d`` the window is one slice thick and the network sees 2-D slices, each slice predicted once.
-    ``tta_batch``: mirrored passes per forward; 0 (default) lets ``tta_batch_size`` choose (batched on CPUs).
     """
 
     def __init__(self, roi_size, mirror_axes=(), two_d: bool = False, overlap: float = 0.5, mode: str = "gaussian",
-                 sigma_scale: float = 0.125, sw_batch_size: int = 1, tta_batch: int = 0, **kwargs):
+                 sigma_scale: float = 0.125, sw_batch_size: int = 1, **kwargs):
         if kwargs.get("buffer_steps") or kwargs.get("with_coord"):
             raise ValueError("NnUNetInferer offers neither buffer_steps nor with_coord")
         if not 0 <= float(overlap) < 1:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         self.two_d = two_d
         self.mirror_axes = tuple(int(a) + (1 if two_d else 0) for a in mirror_axes)
-        self.tta_batch = int(tta_batch)
         roi = [1, *roi_size] if two_d else list(roi_size)
         super().__init__(roi_size=roi, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode,
                          sigma_scale=sigma_scale, **kwargs)
@@ -128,11 +112,9 @@ class NnUNetInferer(SlidingWindowInferer):
         return [tuple(slice(s, s + t) for s, t in zip(corner, tile)) for corner in itertools.product(*starts)]
 
     def __call__(self, inputs, network, *args, **kwargs):
-        passes = 2 ** len(self.mirror_axes)
-        tta_batch = self.tta_batch or tta_batch_size(network, self.roi_size, passes, inputs.device)
         network = SliceWise(network) if self.two_d else network
         if self.mirror_axes:
-            network = MirrorTTA(network, self.mirror_axes, batch=tta_batch)
+            network = MirrorTTA(network, self.mirror_axes)
         device = torch.device(kwargs.pop("device", None) or self.device or inputs.device)
         sw_device = torch.device(self.sw_device or inputs.device)
         meta = inputs if isinstance(inputs, MetaTensor) else None
