@@ -10,7 +10,9 @@ nnU-Net's connected-component postprocessing (ids ``keep_largest_foreground`` / 
 ``inference.json``). Several folds (and every cascade) also get one ensemble bundle
 ``<Dataset>_<configuration>_ensemble`` (``tools/ensemble.py make-bundle``) that predicts what
 ``nnUNetv2_predict -f <folds>`` predicts: the folds' logits averaged, then the postprocessing; a cascade's
-ensemble holds its ``3d_lowres`` folds as the previous stage.
+ensemble holds its ``3d_lowres`` folds as the previous stage. Region-based models (BraTS style: ``labels`` values
+that are lists, with ``regions_class_order``) become region bundles (ids ``regions``, ``regions_class_order``; one
+sigmoid output per region, painted as nnU-Net paints them), with their per-region postprocessing.
 
 The checkpoint is read with ``torch.load(weights_only=True)``: tensors, plain containers and the few numpy types
 nnU-Net pickles (``scripts.networks.load_checkpoint``); nothing else is unpickled, and nnU-Net is never imported.
@@ -24,8 +26,9 @@ or ensemble bundles, whose members are exported) are written as
 so that ``nnUNetv2_predict`` (with ``nnUNet_results=RESULTS_DIR``) predicts with them. The checkpoint holds the
 weights under nnU-Net's names (its duplicate ``all_modules`` / ``decoder.encoder`` keys included, so nnU-Net's strict
 ``load_state_dict`` takes it), ``trainer_name`` (``nnUNetTrainer`` unless ``--trainer``), ``init_args`` and
-``inference_allowed_mirroring_axes``. A bundle whose network is not the plans' PlainConvUNet or ResidualEncoderUNet
-has no nnU-Net equivalent and is refused.
+``inference_allowed_mirroring_axes``; a region bundle's dataset.json keeps its regions and ``regions_class_order``,
+from which nnU-Net builds the same outputs. A bundle whose network is not the plans' PlainConvUNet or
+ResidualEncoderUNet has no nnU-Net equivalent and is refused.
 
 Bad input is reported as one line naming the file (``InteropError``, a ``ValueError``); the CLI exits with status 2.
 """
@@ -166,12 +169,36 @@ def _selected_crossval(model_dir: Path):
     return folder if (folder / "postprocessing.json").is_file() else None
 
 
+def _postprocessing_members(target):
+    """The label values a ``labels_or_regions`` entry keeps the largest component of (the union of its labels):
+    a label, a region (a list in the JSON), or a list of labels and regions; None when it is none of these."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if is_int(target):
+        return [target]
+    if not isinstance(target, list) or not target:
+        return None
+    members = []
+    for item in target:
+        if is_int(item):
+            members.append(item)
+        elif isinstance(item, list) and item and all(map(is_int, item)):
+            members.extend(item)
+        else:
+            return None
+    return sorted(set(members))
+
+
 def read_postprocessing(model_dir: Path, foreground: list):
     """nnU-Net's postprocessing chosen for this model folder, in the bundles' form, or None when there is none.
 
     ``nnUNetv2_find_best_configuration`` writes it as ``crossval_results_folds_*/postprocessing.json`` (the
     ``.pkl`` beside it, pickled functions, is never read). When ``inference_information.json`` one folder up selected
     this model folder, its cross-validation folder is used; otherwise the one over the most folds.
+    Every step keeps the largest component of the union of some labels: the first one of all foreground labels
+    becomes ``keep_largest_foreground``, the others (a label; for region-based models a region, which the JSON
+    holds as a list of labels) ``keep_largest_labels`` entries, an int or a list of labels, in nnU-Net's order.
     """
     folder = _selected_crossval(model_dir)
     files = [folder / "postprocessing.json"] if folder else sorted(
@@ -184,21 +211,23 @@ def read_postprocessing(model_dir: Path, foreground: list):
     if not isinstance(fns, list) or not isinstance(kwargs, list) or len(fns) != len(kwargs):
         raise InteropError(f"{path}: expected postprocessing_fns and postprocessing_kwargs lists of equal length")
     keep_fg, labels = False, []
-    for fn, kw in zip(fns, kwargs):
-        target = (kw or {}).get("labels_or_regions")
+    for i, (fn, kw) in enumerate(zip(fns, kwargs)):
+        target = (kw or {}).get("labels_or_regions") if isinstance(kw, dict) else None
         if fn != POSTPROCESSING_FN or target is None:
             raise InteropError(f"{path}: postprocessing {fn}({kw}) is not nnU-Net's keep-largest-component; the "
                                "bundles apply only that one")
-        if isinstance(target, list) and sorted(int(t) for t in target) == sorted(foreground) and len(target) > 0:
+        members = _postprocessing_members(target)
+        if members is None:
+            raise InteropError(f"{path}: keep-largest of {target!r} is not a label, a region (list of labels) or a "
+                               "list of them")
+        unknown = [m for m in members if m not in foreground]
+        if unknown:
+            raise InteropError(f"{path}: keep-largest of {target!r} names label(s) {unknown}, not among the "
+                               f"foreground labels {foreground}")
+        if i == 0 and isinstance(target, list) and members == sorted(foreground):
             keep_fg = True
-        elif isinstance(target, int) or (isinstance(target, list) and len(target) == 1):
-            label = int(target if isinstance(target, int) else target[0])
-            if label not in foreground:
-                raise InteropError(f"{path}: keep-largest of label {label}, which is not a foreground label "
-                                   f"{foreground}")
-            labels.append(label)
         else:
-            raise InteropError(f"{path}: keep-largest of {target} (a region or a set of labels) is not supported")
+            labels.append(members[0] if len(members) == 1 else members)
     return {"keep_largest_foreground": keep_fg, "keep_largest_labels": labels, "source": str(path)}
 
 
@@ -236,8 +265,10 @@ def read_model_dir(model_dir, checkpoint: str = "final", folds=None) -> dict:
         labels = parse_labels(spec.get("labels", {}), spec.get("regions_class_order"))
     except Exception as exc:  # noqa: BLE001 - any malformed labels entry is bad input
         raise InteropError(f"{model_dir / 'dataset.json'}: {exc}") from None
-    if labels.has_regions:
-        raise InteropError(f"{model_dir / 'dataset.json'}: region-based labels are not supported by the bundles yet")
+    if labels.has_regions and len(labels.regions_class_order or []) != len(labels.foreground_regions):
+        raise InteropError(f"{model_dir / 'dataset.json'}: region-based labels need regions_class_order, one label "
+                           f"per region ({len(labels.foreground_regions)} regions), got "
+                           f"{spec.get('regions_class_order')!r}")
     for key in ("file_ending", "labels"):
         if key not in spec:
             raise InteropError(f"{model_dir / 'dataset.json'}: lacks {key!r}")
@@ -324,7 +355,8 @@ def _import_folds(model: dict, tmp: Path, splits) -> list[Path]:
 
 def _pp_text(pp: dict) -> str:
     steps = (["keep the largest foreground component"] if pp["keep_largest_foreground"] else []) + \
-        [f"keep the largest component of label {label}" for label in pp["keep_largest_labels"]]
+        [f"keep the largest component of {'labels' if isinstance(label, list) else 'label'} {label}"
+         for label in pp["keep_largest_labels"]]
     return ", then ".join(steps) or "none"
 
 

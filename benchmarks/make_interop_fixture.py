@@ -22,10 +22,16 @@ What it does (nnU-Net runs in the venv of ``nnunet_venv.py``; only its command-l
    nnU-Net builds from the plans, and ``nnUNetv2_predict`` predicts with the exported folders; the label maps and
    probabilities are compared with the bundles' own inference. The figures go to the fixture's
    ``export_check.json`` and are printed.
+3. ``regions`` (needs this checkout too): a region-based (BraTS-style) synthetic dataset, 3 nested regions with
+   ``regions_class_order``, planned and shrunk to the tiny 3d_fullres plan; nnU-Net trains folds 0 1 (sigmoid
+   outputs), chooses the postprocessing and predicts the 2 test images with ``--save_probabilities``; a forced
+   region postprocessing is applied as in stage 1. Written to ``tests/fixtures/nnunet_interop/regions/`` (the stages
+   above keep it); then the model is imported, its ensemble exported and checked with nnU-Net as in stage 2, into
+   ``regions/export_check.json``.
 
 Usage::
 
-    python benchmarks/make_interop_fixture.py [--venv DIR] [--work DIR] [--stage models|export|all]
+    python benchmarks/make_interop_fixture.py [--venv DIR] [--work DIR] [--stage models|export|regions|all]
 
 ``--work`` keeps the nnU-Net folders (default: a temporary folder, removed at the end). About 10 minutes on 2 cores.
 """
@@ -306,6 +312,8 @@ def copy_models_into_fixture(e: Env) -> None:
     shutil.copyfile(e.raw / DATASET / "dataset.json", tmp / "dataset.json")
     if (FIXTURE / "export_check.json").is_file():
         shutil.copyfile(FIXTURE / "export_check.json", tmp / "export_check.json")
+    if REGIONS_FIXTURE.is_dir():  # the regions stage's files
+        shutil.copytree(REGIONS_FIXTURE, tmp / REGIONS_FIXTURE.name)
     shutil.rmtree(FIXTURE, ignore_errors=True)
     tmp.rename(FIXTURE)
     size = sum(f.stat().st_size for f in FIXTURE.rglob("*") if f.is_file())
@@ -458,11 +466,148 @@ def export_check(e: Env) -> None:
                          for case, c in figures["cases"].items()))
 
 
+# --- stage 3: a region-based (BraTS-style) model, both ways ----------------------------------------------------
+REGIONS_ID = 988
+REGIONS_DATASET = f"Dataset{REGIONS_ID:03d}_InteropRegions"
+REGIONS_FIXTURE = FIXTURE / "regions"
+_FORCED_REGION_PP = r"""
+import sys
+from batchgenerators.utilities.file_and_folder_operations import save_json, save_pickle
+from nnunetv2.postprocessing.remove_connected_components import (
+    remove_all_but_largest_component_from_segmentation as keep_largest)
+kwargs = [{"labels_or_regions": [1, 2, 3]}, {"labels_or_regions": (2, 3)}, {"labels_or_regions": [(1,), (2,)]}]
+save_pickle(([keep_largest] * 3, kwargs), sys.argv[1] + "/postprocessing.pkl")
+save_json({"postprocessing_fns": [keep_largest.__name__] * 3, "postprocessing_kwargs": kwargs},
+          sys.argv[1] + "/postprocessing.json")
+"""
+
+
+def make_region_models(e: Env) -> None:
+    """nnU-Net's region-based models (3 nested regions, sigmoid outputs) and predictions: the tiny 3d_fullres plan,
+    folds 0 and 1, find_best_configuration, ``nnUNetv2_predict --save_probabilities`` (folds 0 1, fold 0), the
+    postprocessing find_best_configuration chose applied to the folds 0 1 predictions, and a forced region
+    postprocessing applied by nnU-Net: keep the largest foreground component, then of region (2, 3), then of the
+    regions (1,) and (2,) together (nnU-Net's function in the pickle, its kwargs as find_best_configuration writes
+    them; the last step changes these predictions, whose regions are single components)."""
+    from autoplan.synthetic import make_synthetic_dataset
+
+    raw = e.raw / REGIONS_DATASET
+    if not raw.is_dir():
+        make_synthetic_dataset(raw, cases=8, shape=(32, 32, 24), labels=3, test_cases=2, seed=11, regions=True)
+    pre = e.pre / REGIONS_DATASET
+    if not (pre / "splits_final.json").is_file():
+        e.tool("nnUNetv2_extract_fingerprint", "-d", REGIONS_ID, "-np", 1)
+        e.tool("nnUNetv2_plan_experiment", "-d", REGIONS_ID, "-np", 1)
+        plans = tiny_plans(json.loads((pre / "nnUNetPlans.json").read_text()))
+        plans["configurations"] = {"3d_fullres": plans["configurations"]["3d_fullres"]}
+        (pre / "nnUNetPlans.json").write_text(json.dumps(plans, indent=4))
+        e.tool("nnUNetv2_preprocess", "-d", REGIONS_ID, "-plans_name", "nnUNetPlans", "-c", "3d_fullres", "-np", 1)
+        cases = sorted(p.name[:-len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz"))
+        splits = [{"train": cases[4:], "val": cases[:4]}, {"train": cases[:4], "val": cases[4:]}]
+        (pre / "splits_final.json").write_text(json.dumps(splits, indent=4))
+    e.trainers.mkdir(parents=True, exist_ok=True)
+    (e.trainers / f"{TRAINER}.py").write_text(TRAINER_SOURCE)
+    model = e.results / REGIONS_DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    for fold in (0, 1):
+        if not (model / f"fold_{fold}" / "checkpoint_final.pth").is_file():
+            e.tool("nnUNetv2_train", REGIONS_ID, "3d_fullres", fold, "-tr", TRAINER, "-device", "cpu",
+                   log=f"regions_train_{fold}", env={"nnUNet_n_proc_DA": "0"})
+    if not (model / "crossval_results_folds_0_1" / "postprocessing.json").is_file():
+        e.tool("nnUNetv2_find_best_configuration", REGIONS_ID, "-c", "3d_fullres", "-tr", TRAINER, "-f", 0, 1,
+               "--disable_ensembling", "-np", 1, log="regions_find_best")
+    predictions = e.work / "regions_predictions"
+    for name, folds in (("3d_fullres", [0, 1]), ("3d_fullres_f0", [0])):
+        if not (predictions / name).is_dir():
+            e.tool("nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions / name, "-d", REGIONS_ID, "-c",
+                   "3d_fullres", "-tr", TRAINER, "-f", *folds, "--save_probabilities", "-device", "cpu", "-npp", 1,
+                   "-nps", 1, log=f"regions_predict_{name}")
+    crossval = model / "crossval_results_folds_0_1"
+    if not (predictions / "3d_fullres_postprocessed").is_dir():
+        e.tool("nnUNetv2_apply_postprocessing", "-i", predictions / "3d_fullres", "-o",
+               predictions / "3d_fullres_postprocessed", "-pp_pkl_file", crossval / "postprocessing.pkl", "-np", 1,
+               "-plans_json", crossval / "plans.json", log="regions_apply_postprocessing")
+    folder, out = e.work / f"regions_{FORCED_PP}", predictions / "3d_fullres_forced_postprocessing"
+    if not out.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        e.python(_FORCED_REGION_PP, folder)
+        e.tool("nnUNetv2_apply_postprocessing", "-i", predictions / "3d_fullres", "-o", out, "-pp_pkl_file",
+               folder / "postprocessing.pkl", "-np", 1, "-plans_json", model / "plans.json",
+               log="regions_apply_postprocessing")
+
+
+def copy_region_models_into_fixture(e: Env) -> None:
+    """``tests/fixtures/nnunet_interop/regions/``: the model folder (final checkpoints, plans, dataset.json,
+    crossval postprocessing.json), the predictions (no ``.pkl``), the test images and the forced postprocessing."""
+    tmp = REGIONS_FIXTURE.with_name(f".{REGIONS_FIXTURE.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = e.results / REGIONS_DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    dst = tmp / "results" / REGIONS_DATASET / model.name
+    dst.mkdir(parents=True)
+    for name in ("plans.json", "dataset.json"):
+        shutil.copyfile(model / name, dst / name)
+    for fold in sorted(model.glob("fold_*")):
+        (dst / fold.name).mkdir()
+        shutil.copyfile(fold / "checkpoint_final.pth", dst / fold.name / "checkpoint_final.pth")
+    for crossval in sorted(model.glob("crossval_results_folds_*")):
+        (dst / crossval.name).mkdir()
+        shutil.copyfile(crossval / "postprocessing.json", dst / crossval.name / "postprocessing.json")
+    info = e.results / REGIONS_DATASET / "inference_information.json"
+    if info.is_file():
+        shutil.copyfile(info, dst.parent / info.name)
+    for folder in sorted((e.work / "regions_predictions").iterdir()):
+        (tmp / "predictions" / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir()):
+            if f.name.endswith((".nii.gz", ".npz")):
+                shutil.copyfile(f, tmp / "predictions" / folder.name / f.name)
+    shutil.copytree(e.raw / REGIONS_DATASET / "imagesTs", tmp / "imagesTs")
+    (tmp / FORCED_PP).mkdir()
+    shutil.copyfile(e.work / f"regions_{FORCED_PP}" / "postprocessing.json", tmp / FORCED_PP / "postprocessing.json")
+    if (REGIONS_FIXTURE / "export_check.json").is_file():
+        shutil.copyfile(REGIONS_FIXTURE / "export_check.json", tmp / "export_check.json")
+    shutil.rmtree(REGIONS_FIXTURE, ignore_errors=True)
+    tmp.rename(REGIONS_FIXTURE)
+    size = sum(f.stat().st_size for f in REGIONS_FIXTURE.rglob("*") if f.is_file())
+    _log(f"wrote {REGIONS_FIXTURE} ({size / 1e6:.2f} MB)")
+
+
+def region_export_check(e: Env) -> None:
+    """The fixture's region model imported, its ensemble exported; nnU-Net's network class strictly loads both
+    exported checkpoints (logits compared with the original ones) and ``nnUNetv2_predict`` with the exported folder
+    is compared with the bundle's own inference. Figures go to ``regions/export_check.json``."""
+    work = e.work / "regions_export_check"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model = REGIONS_FIXTURE / "results" / REGIONS_DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres"
+    _autoplan("import-nnunet", model, "--out", work / "imported")
+    ensemble = work / "imported" / f"{REGIONS_DATASET}_3d_fullres_ensemble"
+    exported = work / "results_roundtrip"
+    _autoplan("export-nnunet", ensemble, "--out", exported)
+    pairs = [[str(c), str(model / c.parent.name / "checkpoint_final.pth")]
+             for c in sorted(exported.rglob("checkpoint_final.pth"))]
+    loads = json.loads(e.python(_LOAD_STRICT, json.dumps(pairs)).strip().splitlines()[-1])
+    theirs, ours = work / "nnunet_roundtrip_ensemble_f01", work / "bundle_roundtrip_ensemble_f01"
+    e.tool("nnUNetv2_predict", "-i", REGIONS_FIXTURE / "imagesTs", "-o", theirs, "-d", REGIONS_ID, "-c", "3d_fullres",
+           "-tr", "nnUNetTrainer", "-f", 0, 1, "--save_probabilities", "-device", "cpu", "-npp", 1, "-nps", 1,
+           log="regions_predict_exported", env={"nnUNet_results": str(exported)})
+    _run_bundle(ensemble, REGIONS_FIXTURE / "imagesTs", ours, NO_POSTPROCESSING)
+    exported_spec = json.loads(next(exported.rglob("dataset.json")).read_text())
+    results = {"strict_loads": {str(Path(k).relative_to(work)): v for k, v in loads.items()},
+               "exported_dataset_json": {k: exported_spec.get(k) for k in ("labels", "regions_class_order")},
+               "comparisons": {"roundtrip_ensemble_f01": compare_folders(ours, theirs)}}
+    path = REGIONS_FIXTURE / "export_check.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    _log(f"wrote {path}")
+    figures = results["comparisons"]["roundtrip_ensemble_f01"]
+    _log(f"regions roundtrip_ensemble_f01: min voxel agreement {figures['min_agreement']:.5f}, min Dice "
+         f"{figures['min_dice']:.4f}; " + ", ".join(f"{case}: max |dp| {c.get('max_probability_difference', 0):.2e}"
+                                                    for case, c in figures["cases"].items()))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
     ap.add_argument("--work", default=None, help="keep nnU-Net's folders here (default: a temporary folder)")
-    ap.add_argument("--stage", choices=("models", "export", "all"), default="all")
+    ap.add_argument("--stage", choices=("models", "export", "regions", "all"), default="all")
     args = ap.parse_args(argv)
     python = ensure_nnunet_venv(args.venv)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="autoplan-interop-"))
@@ -474,6 +619,10 @@ def main(argv=None) -> int:
             copy_models_into_fixture(e)
         if args.stage in ("export", "all"):
             export_check(e)
+        if args.stage in ("regions", "all"):
+            make_region_models(e)
+            copy_region_models_into_fixture(e)
+            region_export_check(e)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

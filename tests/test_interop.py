@@ -4,7 +4,8 @@
 
 The test images are two synthetic cases of arbitrary size and ``grid_000``, whose size puts MONAI's own window
 positions where nnU-Net's are; the bundles place windows as nnU-Net does, so all three must agree within the issue's
-bounds, probabilities up to nnU-Net's float16 accumulation.
+bounds, probabilities up to nnU-Net's float16 accumulation. ``regions/`` holds a region-based (BraTS-style) model,
+its predictions (sigmoid probabilities) and postprocessing, made by ``--stage regions``.
 """
 
 import json
@@ -36,7 +37,7 @@ def autoplan(*args):
                           cwd=str(ROOT))
 
 
-def predict(bundle, out, **overrides):
+def predict(bundle, out, images=IMAGES, **overrides):
     """The bundle's own configs/inference.json on the fixture's test images, in this process, on the CPU."""
     from monai.bundle import ConfigWorkflow
 
@@ -45,7 +46,7 @@ def predict(bundle, out, **overrides):
         sys.path.insert(0, scripts_parent)
     workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "inference.json"),
                               meta_file=str(bundle / "configs" / "metadata.json"), logging_file=False,
-                              workflow_type="infer", bundle_root=str(bundle), dataset_dir=str(IMAGES),
+                              workflow_type="infer", bundle_root=str(bundle), dataset_dir=str(images),
                               output_dir=str(out), save_probabilities=True, device="$torch.device('cpu')",
                               **overrides)
     workflow.initialize()
@@ -415,3 +416,170 @@ def test_inference_information_names_the_postprocessing_folder():
     pp = read_postprocessing(model_dir("3d_fullres"), [1, 2])
     assert pp["keep_largest_foreground"] is False and pp["keep_largest_labels"] == []
     assert read_postprocessing(model_dir("2d"), [1, 2]) is None
+
+
+
+# --- region-based models (BraTS style) -------------------------------------------------------------------------------
+REGIONS = FIXTURE / "regions"  # ``make_interop_fixture.py --stage regions``
+REGIONS_DATASET = "Dataset988_InteropRegions"
+REGIONS_MODEL = REGIONS / "results" / REGIONS_DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres"
+REGION_LISTS = [[1, 2, 3], [2, 3], [3]]
+
+
+@pytest.fixture(scope="module")
+def imported_regions(tmp_path_factory):
+    """The region model folder (3 nested regions, folds 0 and 1) imported once."""
+    from autoplan.interop import import_nnunet
+
+    return {p.name: p for p in import_nnunet(REGIONS_MODEL, out=tmp_path_factory.mktemp("regions"))}
+
+
+def test_region_model_imports_as_sigmoid_region_bundles(imported_regions):
+    from bundles.scripts.networks import network_from_plan
+    from bundles.scripts.preprocessing import resolve_configuration
+
+    assert sorted(imported_regions) == [f"{REGIONS_DATASET}_3d_fullres_{s}" for s in ("ensemble", "fold0", "fold1")]
+    fold0 = imported_regions[f"{REGIONS_DATASET}_3d_fullres_fold0"]
+    inference = json.loads((fold0 / "configs" / "inference.json").read_text())
+    train = json.loads((fold0 / "configs" / "train.json").read_text())
+    assert train["regions"] == REGION_LISTS and train["regions_class_order"] == [1, 2, 3]
+    assert inference["regions_class_order"] == [1, 2, 3]
+    assert inference["num_classes"] == 3  # one sigmoid output per region, no background channel
+    # find_best_configuration kept the largest component of region (3,) ([3] in its postprocessing.json)
+    pp = json.loads((REGIONS_MODEL / "crossval_results_folds_0_1" / "postprocessing.json").read_text())
+    assert pp["postprocessing_kwargs"] == [{"labels_or_regions": [3]}]
+    assert inference["keep_largest_foreground"] is False and inference["keep_largest_labels"] == [3]
+    ensemble = json.loads((imported_regions[f"{REGIONS_DATASET}_3d_fullres_ensemble"] / "configs" /
+                           "inference.json").read_text())
+    assert ensemble["regions_class_order"] == [1, 2, 3] and [m["fold"] for m in ensemble["members"]] == [0, 1]
+    plans = json.loads((REGIONS_MODEL / "plans.json").read_text())
+    net = network_from_plan(resolve_configuration(plans, "3d_fullres"), 1, 3)
+    net.load_state_dict(torch.load(fold0 / "models" / "model.pt", weights_only=True))  # strict: 3 outputs
+
+
+@pytest.mark.parametrize("bundle,reference", [("ensemble", "3d_fullres"), ("fold0", "3d_fullres_f0")])
+def test_region_bundles_predict_what_nnunet_predicts(imported_regions, tmp_path, bundle, reference):
+    """Label maps painted from the regions' sigmoids as nnU-Net paints them; the saved probabilities are the
+    regions' sigmoids (3 channels), within nnU-Net's float16 accumulation of nnU-Net's."""
+    figures = compare(predict(imported_regions[f"{REGIONS_DATASET}_3d_fullres_{bundle}"], tmp_path,
+                              images=REGIONS / "imagesTs", **NO_PP), REGIONS / "predictions" / reference)
+    assert len(figures) == 2
+    assert_agrees(figures)
+    for case, record in figures.items():
+        # fold 0 alone paints no voxel of label 2 on these images
+        assert {1, 3} <= set(record["dice"]) <= {1, 2, 3} and (bundle == "fold0" or 2 in record["dice"]), record
+        assert record["max_dp"] is not None
+    theirs = np.load(next((REGIONS / "predictions" / reference).glob("*.npz")))["probabilities"]
+    assert theirs.shape[0] == 3 and theirs.min() >= 0 and theirs.max() <= 1
+
+
+def test_region_ensemble_postprocesses_as_find_best_configuration_chose(imported_regions, tmp_path):
+    """With the postprocessing imported from find_best_configuration (on by default) the ensemble predicts what
+    nnUNetv2_apply_postprocessing made of nnUNetv2_predict -f 0 1 with that choice."""
+    ours = predict(imported_regions[f"{REGIONS_DATASET}_3d_fullres_ensemble"], tmp_path, images=REGIONS / "imagesTs")
+    assert_agrees(compare(ours, REGIONS / "predictions" / "3d_fullres_postprocessed"))
+
+
+def test_region_postprocessing_is_applied_as_nnunet_applies_it(tmp_path):
+    """postprocessing.json as find_best_configuration writes it for regions (the foreground, then region (2, 3),
+    then the regions (1,) and (2,) together: tuples, lists in the JSON); nnU-Net applied it with
+    nnUNetv2_apply_postprocessing."""
+    from autoplan.interop import import_nnunet
+
+    folder = tmp_path / REGIONS_DATASET / REGIONS_MODEL.name
+    shutil.copytree(REGIONS_MODEL, folder)
+    shutil.copyfile(REGIONS / "forced_postprocessing" / "postprocessing.json",
+                    folder / "crossval_results_folds_0_1" / "postprocessing.json")
+    bundles = {p.name: p for p in import_nnunet(folder, out=tmp_path / "b")}
+    ensemble = bundles[f"{REGIONS_DATASET}_3d_fullres_ensemble"]
+    for bundle in (ensemble, bundles[f"{REGIONS_DATASET}_3d_fullres_fold1"]):
+        config = json.loads((bundle / "configs" / "inference.json").read_text())
+        assert config["keep_largest_foreground"] is True and config["keep_largest_labels"] == [[2, 3], [1, 2]]
+    ours = predict(ensemble, tmp_path / "pp", images=REGIONS / "imagesTs")
+    assert_agrees(compare(ours, REGIONS / "predictions" / "3d_fullres_forced_postprocessing"))
+    # the steps change these predictions, so the comparison above could tell them apart
+    predictions = REGIONS / "predictions"
+    plain = compare(predictions / "3d_fullres", predictions / "3d_fullres_forced_postprocessing")
+    assert max(r["agreement"] for r in plain.values()) < 0.999
+
+
+def test_region_postprocessing_json_entries(tmp_path):
+    """Regions (lists) and lists of them become unions in keep_largest_labels; labels outside the foreground or
+    malformed entries are refused naming the file."""
+    from autoplan.interop import InteropError, read_postprocessing
+
+    pp = tmp_path / "m" / "crossval_results_folds_0_1" / "postprocessing.json"
+    pp.parent.mkdir(parents=True)
+    fn = "remove_all_but_largest_component_from_segmentation"
+
+    def steps(*targets):
+        pp.write_text(json.dumps({"postprocessing_fns": [fn] * len(targets),
+                                  "postprocessing_kwargs": [{"labels_or_regions": t} for t in targets]}))
+        return read_postprocessing(tmp_path / "m", [1, 2, 3])
+
+    assert steps([1, 2, 3], [2, 3], [3]) == {"keep_largest_foreground": True, "keep_largest_labels": [[2, 3], 3],
+                                             "source": str(pp)}
+    # a region equal to the whole foreground after another step stays in its place
+    assert steps([3], [3, 2, 1])["keep_largest_labels"] == [3, [1, 2, 3]]
+    assert steps([[1, 2], [3]])["keep_largest_foreground"] is True
+    for bad, message in (([2, 4], "label\\(s\\) \\[4\\]"), ([[1, "x"]], "not a label, a region"), ([], "not a label")):
+        with pytest.raises(InteropError, match=message) as info:
+            steps(bad)
+        assert str(pp) in str(info.value)
+
+
+def test_region_model_without_regions_class_order_is_refused(tmp_path):
+    folder = tmp_path / REGIONS_DATASET / REGIONS_MODEL.name
+    shutil.copytree(REGIONS_MODEL, folder)
+    spec = json.loads((folder / "dataset.json").read_text())
+    spec["regions_class_order"] = [1, 2]
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    result = autoplan("import-nnunet", folder, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "regions_class_order" in result.stderr and "dataset.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_region_export_round_trips(imported_regions, tmp_path):
+    """The exported folder's dataset.json holds the regions and regions_class_order, the checkpoints nnU-Net's
+    weights (3 region outputs; DynUNet's cancelled conv biases as zeros), and they import again to the same bundles."""
+    from autoplan.interop import export_nnunet, import_nnunet
+
+    paths = export_nnunet(imported_regions[f"{REGIONS_DATASET}_3d_fullres_ensemble"], out=tmp_path / "r")
+    folder = tmp_path / "r" / REGIONS_DATASET / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    assert sorted(paths) == [folder / f"fold_{f}" / "checkpoint_final.pth" for f in (0, 1)]
+    spec = json.loads((folder / "dataset.json").read_text())
+    assert [spec["labels"][f"region_{k}"] for k in (1, 2, 3)] == REGION_LISTS
+    assert spec["regions_class_order"] == [1, 2, 3]
+    for fold in (0, 1):
+        ours = _nnunet_checkpoint(folder, fold)
+        theirs = _nnunet_checkpoint(REGIONS_MODEL, fold)["network_weights"]
+        assert ours["init_args"]["dataset_json"]["regions_class_order"] == [1, 2, 3]
+        assert sorted(ours["network_weights"]) == sorted(theirs)
+        for key, value in theirs.items():
+            mine = ours["network_weights"][key]
+            if ".convs." in key and key.endswith((".conv.bias", ".all_modules.0.bias")):
+                assert mine.shape == value.shape and not mine.any(), key
+            else:
+                assert torch.equal(mine, value), key
+        heads = [v for k, v in ours["network_weights"].items() if "seg_layers" in k and k.endswith("weight")]
+        assert heads and all(v.shape[0] == 3 for v in heads)
+    again = {p.name: p for p in import_nnunet(folder, out=tmp_path / "again")}
+    for fold in (0, 1):
+        name = f"{REGIONS_DATASET}_3d_fullres_fold{fold}"
+        first = torch.load(imported_regions[name] / "models" / "model.pt", weights_only=True)
+        second = torch.load(again[name] / "models" / "model.pt", weights_only=True)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_the_generator_checked_region_export_with_nnunet():
+    """What ``make_interop_fixture.py --stage regions`` measured with nnU-Net: the exported region checkpoints load
+    strictly into nnU-Net's network (3 outputs, the original logits), and nnUNetv2_predict with the exported folder
+    agrees with the ensemble bundle, probabilities included."""
+    check = json.loads((REGIONS / "export_check.json").read_text())
+    assert len(check["strict_loads"]) == 2 and all(r["strict_load"] for r in check["strict_loads"].values())
+    for record in check["strict_loads"].values():
+        assert record["max_abs_logit_difference_vs_original"] < 1e-4, record
+    assert check["exported_dataset_json"]["regions_class_order"] == [1, 2, 3]
+    figures = check["comparisons"]["roundtrip_ensemble_f01"]
+    assert figures["min_agreement"] >= 0.999 and figures["min_dice"] >= 0.99, figures
+    assert all(c["max_probability_difference"] <= 2e-2 for c in figures["cases"].values()), figures
