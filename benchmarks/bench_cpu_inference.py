@@ -18,14 +18,17 @@ Setup (cached in ``--work``; delete it to start over):
    (``nnUNetPlanner_torchres``: trilinear) and ``torchres_sepz`` (the ``_sepz`` planner's functions: bilinear
    in-plane, nearest-exact along the coarse axis). ``autoplan import-nnunet`` turns each into a bundle.
 
-Per preset and repeat (alternating who goes first), both measured as a process tree (wall time, peak summed PSS and
-RSS, ``treemem.py``):
+Per preset and repeat (alternating who goes first), each system runs twice: once for the wall time, with nothing
+polling its memory, and once as a process tree whose peak summed PSS and RSS are polled (``treemem.py``; reading
+/proc/PID/smaps_rollup 20 times a second slowed our run from 38 s to 64 s and nnU-Net's from 65 s to 77 s, so
+times and peaks come from separate runs):
 
 * nnU-Net: ``nnUNetv2_predict -i big -o OUT -d 990 -c 3d_fullres -f 0 -p PLANS -device cpu -npp P -nps P``
   (TTA on, ``P = --processes``, default 2).
 * ours: the imported bundle's ``configs/inference.json`` through ``ConfigWorkflow`` (what ``python -m monai.bundle
-  run`` does), TTA on, ``DataLoader`` with ``P - 1`` workers (``P`` processes), timed per phase (``--split``): load,
-  preprocess, network (sliding window with TTA), resampling back (``NnUNetRestored``), writing (``SaveImaged``).
+  run`` does), TTA on, ``DataLoader`` with ``P - 1`` workers (``P`` processes), timed per phase (appended to a
+  file, in both runs): load, preprocess, network (sliding window with TTA), resampling back (``NnUNetRestored``),
+  writing (``SaveImaged``); in the memory run also the peak per phase.
 
 Then the label maps are compared (voxel agreement, Dice per label). A model trained this briefly predicts
 background only on the big case, which would make that comparison empty, so by default the biases of its output
@@ -107,7 +110,7 @@ def make_data(work: Path, big_shape, big_spacing) -> tuple[Path, Path]:
     return raw, big
 
 
-def setup_nnunet(work: Path, nn_bin: Path, features: int, iterations: int, presets, log: Path) -> dict:
+def setup_nnunet(work: Path, nn_bin: Path, features: int, iterations: list, presets, log: Path) -> dict:
     """Plans, preprocessing, training and one model folder per preset; returns {preset: model folder}."""
     root = work
     env = bu.nnunet_env(root, 0)
@@ -128,11 +131,17 @@ def setup_nnunet(work: Path, nn_bin: Path, features: int, iterations: int, prese
         _run([nn_bin / "nnUNetv2_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", 2], env, log=log)
     trained = results / "nnUNetTrainer_Bench__nnUNetPlans__3d_fullres"
     checkpoint = trained / "fold_0" / "checkpoint_final.pth"
-    if not checkpoint.is_file():
+    done = trained / "fold_0" / "bench_rounds.json"
+    if not done.is_file():
         drv_env = dict(env, BENCH_THREADS="0", nnUNet_n_proc_DA="2")
-        _run([nn_bin / "python", bu.BENCH / "nnunet_driver.py", "train", "--dataset", DATASET, "--device", "cpu",
-              "--epochs", 1, "--iterations", iterations, "--val-iterations", 1, "--result", work / "train.json"],
-             drv_env, log=log)
+        start = None
+        for i, n in enumerate(iterations):  # each round starts from the previous round's weights
+            _run([nn_bin / "python", bu.BENCH / "nnunet_driver.py", "train", "--dataset", DATASET, "--device",
+                  "cpu", "--epochs", 1, "--iterations", n, "--val-iterations", 1, "--result",
+                  work / f"train_{i}.json"] + (["--initial-weights", start] if start else []), drv_env, log=log)
+            start = work / f"round_{i}.pth"
+            shutil.copyfile(checkpoint, start)
+        done.write_text(json.dumps({"iterations": list(iterations)}))
     plans = json.loads(plans_file.read_text())
     folders = {}
     for preset in presets:
@@ -319,7 +328,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both (default: torch's default)")
     ap.add_argument("--features", type=int, default=4, help="the network's first-stage features (doubling, capped "
                                                             "by nnU-Net's plan; default 4)")
-    ap.add_argument("--iterations", type=int, default=40, help="training iterations (1 epoch; default 40)")
+    ap.add_argument("--iterations", type=int, nargs="+", default=[250, 300],
+                    help="training rounds of 1 epoch of this many iterations, each from the previous round's weights "
+                         "(default 250 300)")
     ap.add_argument("--no-head-shift", dest="head_shift", action="store_false",
                     help="keep the trained output layer (a briefly trained model may predict background only; by "
                          "default its biases are shifted so that labels 1 and 2 cover about 25 %% and 8 %% of the "
