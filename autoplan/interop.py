@@ -42,6 +42,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from autoplan.files import write_json_atomic
+
 NETWORKS = {"PlainConvUNet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
             "ResidualEncoderUNet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"}
 # stock trainers that build another network than the plans describe (their weights would not fit anyway)
@@ -606,7 +608,7 @@ def export_nnunet(*bundles, out=None, trainer: str = "nnUNetTrainer", dataset_na
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in (("plans.json", plans), ("dataset.json", spec)):
             if not (folder / name).is_file():
-                _write_json(folder / name, data)
+                write_json_atomic(folder / name, data)
         axes = [int(a) for a in model["mirror_axes"]]
         checkpoint = {
             "network_weights": model["weights"],
@@ -627,9 +629,3 @@ def export_nnunet(*bundles, out=None, trainer: str = "nnUNetTrainer", dataset_na
         written.append(path)
         print(f"wrote {path} ({model['where']})")
     return written
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=4))
-    tmp.replace(path)
