@@ -2,8 +2,9 @@
 
 The structure of every config lives in ``bundles/templates``; this module fills in the plan-specific top-level ids
 (patch size, batch size, cases of the fold, augmentation settings derived from the plan as nnU-Net derives them; for
-a dataset with classes the classification ids, ``autoplan.multitask``) and changes nothing else in them, copies the runtime ``bundles/scripts`` into the bundle and writes metadata and docs. A bundle never imports
-``autoplan`` and holds no path of the emitting machine: every path is relative to ``bundle_root``, and the dataset is
+a dataset with classes the classification ids, ``autoplan.multitask``) and changes nothing else in them, copies
+the runtime ``bundles/scripts`` into the bundle and writes metadata and docs. A bundle never imports ``autoplan``
+and holds no path of the emitting machine: every path is relative to ``bundle_root``, and the dataset is
 found at run time (``scripts.data.find_dataset``) or given with ``--dataset_dir``.
 """
 
