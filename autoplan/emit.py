@@ -1,9 +1,10 @@
 """Emit one self-contained MONAI Bundle per configuration and fold from a plans file (ours or nnU-Net's).
 
 The structure of every config lives in ``bundles/templates``; this module fills in the plan-specific top-level ids
-(patch size, batch size, cases of the fold, augmentation settings derived from the plan as nnU-Net derives them),
-copies the runtime ``bundles/scripts`` into the bundle and writes metadata and docs. A bundle never imports
-``autoplan`` and holds no path of the emitting machine: every path is relative to ``bundle_root``, and the dataset is
+(patch size, batch size, cases of the fold, augmentation settings derived from the plan as nnU-Net derives them; for
+a dataset with classes the classification ids, ``autoplan.multitask``) and changes nothing else in them, copies
+the runtime ``bundles/scripts`` into the bundle and writes metadata and docs. A bundle never imports ``autoplan``
+and holds no path of the emitting machine: every path is relative to ``bundle_root``, and the dataset is
 found at run time (``scripts.data.find_dataset``) or given with ``--dataset_dir``.
 """
 
@@ -195,9 +196,11 @@ SETTINGS_SKIPPED = ("imports", "labels", "train_cases", "val_cases", "plans")
 
 
 def _settings_table(config: dict) -> str:
-    """Every top-level id holding a plain value, as the config holds it: the bundle's overridable settings."""
+    """Every top-level id holding a plain value, as the config holds it: the bundle's overridable settings (the
+    classification ids only in a multi-task bundle: they do nothing in a segmentation-only one)."""
+    skipped = SETTINGS_SKIPPED + (() if config.get("classification_head") else multitask.TEMPLATE_IDS)
     rows = [f"| `{k}` | `{json.dumps(v)}` |" for k, v in config.items()
-            if k not in SETTINGS_SKIPPED and not isinstance(v, dict) and not (isinstance(v, str) and v[:1] in "$@%")
+            if k not in skipped and not isinstance(v, dict) and not (isinstance(v, str) and v[:1] in "$@%")
             and not (isinstance(v, list) and any(isinstance(x, (dict, str)) for x in v))]
     return "\n".join(["| id | value |", "|---|---|", *rows])
 
@@ -384,8 +387,6 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
         # from another working directory without setting bundle_root)
         inference = _with_values(inference_template, {k: v for k, v in {**values, "plans": plans}.items()
                                                       if k in inference_template})
-        if "classification_head" in values:  # a multi-task dataset (autoplan.multitask)
-            train, inference = multitask.apply_to_train(train, values), multitask.apply_to_inference(inference, values)
         (configs / "train.json").write_text(json.dumps(train, indent=4))
         (configs / "inference.json").write_text(json.dumps(inference, indent=4))
         for extra in ("evaluate.json", "multi_gpu_train.json", "logging.conf"):
@@ -393,7 +394,7 @@ def write_bundle(out: Path, name: str, plans: dict, spec: dict, configuration: s
         (configs / "plans.json").write_text(json.dumps(plans, indent=4))
         (configs / "dataset.json").write_text(json.dumps(spec, indent=4))
         meta = _metadata(name, spec, plans, configuration, values, authors, copyright)
-        if "classification_head" in values:
+        if values.get("classification_head"):  # a multi-task dataset (autoplan.multitask)
             meta = multitask.apply_to_metadata(meta, values["classification_names"], values["classification_head"])
         (configs / "metadata.json").write_text(json.dumps(meta, indent=4))
         shutil.copytree(SCRIPTS, tmp / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -238,7 +238,8 @@ def _with_postprocessing(inference: dict, postprocessing: dict) -> dict:
     ``keep_largest_foreground`` and ``keep_largest_labels``, which ``--keep_largest_foreground False`` etc. turn
     off)."""
     steps = inference["postprocessing"]["transforms"]
-    at = next((i for i, t in enumerate(steps) if str(t.get("_target_", "")).endswith("SaveImaged")), len(steps))
+    at = next((i for i, t in enumerate(steps) if isinstance(t, dict) and str(t.get("_target_", "")).endswith(
+        "SaveImaged")), len(steps))  # "@classification_output" is a reference
     inference["keep_largest_foreground"] = postprocessing["keep_largest_foreground"]
     inference["keep_largest_labels"] = postprocessing["keep_largest_labels"]
     if "$import scripts.postprocessing" not in inference["imports"]:

@@ -5,10 +5,10 @@ dataset.json may hold::
     "classification": {"names": {"0": "subtype0", "1": "subtype1"}, "cases": {"CASE": 0, ...}}
 
 ``check_classification`` validates the block against the training cases (``verify`` and the fingerprint run it);
-``class_distribution`` counts the cases per class. When a dataset has classes, ``apply_to_bundle`` turns the
-emitted train.json / inference.json / metadata.json of a plain segmentation bundle into a multi-task one: every
-change is made through top-level ids and a few nested ids (``network_def#_target_``, ``inferer#_target_``, ...), so
-the templates themselves stay segmentation-only. The runtime lives in ``bundles/scripts/classification.py``.
+``class_distribution`` counts the cases per class. The bundle templates hold the multi-task wiring, switched off by
+``classification_head: null``; for a dataset with classes ``classification_values`` gives the top-level ids that
+``autoplan.emit`` fills in (the head, class names, the fold's ``case_classes``, ...), and ``apply_to_metadata`` and
+``readme_section`` describe the second output. The runtime lives in ``bundles/scripts/classification.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import json
 
 HEADS = ("simple", "roi", "attention")
 DEFAULT_HEAD = "roi"
+# the templates' top-level classification ids (train.json has them all)
+TEMPLATE_IDS = ("classification_head", "classification_names", "case_classes", "lesion_labels",
+                "classification_weight", "classification_class_weights", "classification_sigma")
 
 
 def _is_int(value) -> bool:
@@ -77,25 +80,9 @@ def class_distribution(spec: dict, case_ids=None) -> dict:
 
 
 # --- bundles ---------------------------------------------------------------------------------------------------
-def _set(config: dict, path: str, value) -> None:
-    """Set a nested id (``a#b#c``) of a config dict, as MONAI's ConfigParser does with such keys."""
-    keys = path.split("#")
-    node = config
-    for key in keys[:-1]:
-        node = node[int(key)] if isinstance(node, list) else node[key]
-    node[keys[-1]] = value
-
-
-def _replace_target(transforms: list, target: str, replacement: dict) -> bool:
-    for i, t in enumerate(transforms):
-        if isinstance(t, dict) and t.get("_target_") == target:
-            transforms[i] = {**t, **replacement}
-            return True
-    return False
-
-
 def classification_values(spec: dict, values: dict, head: str | None = None) -> dict:
-    """The top-level ids a multi-task bundle adds (train.json gets all; inference.json those it uses)."""
+    """The values of the templates' classification ids for one fold's bundle (inference.json takes those it has);
+    the loss weights and ``classification_sigma`` keep the templates' defaults."""
     head = head or DEFAULT_HEAD
     if head not in HEADS:
         raise ValueError(f"classification head must be one of {', '.join(HEADS)}, got {head!r}")
@@ -104,71 +91,9 @@ def classification_values(spec: dict, values: dict, head: str | None = None) -> 
     return {
         "classification_head": head,
         "classification_names": class_names(spec),
-        "num_classification_classes": len(class_names(spec)),
         "lesion_labels": list(values["foreground_labels"]),
-        "classification_weight": 1.0,
-        "classification_class_weights": None,
-        "classification_sigma": 1.0,
         "case_classes": {c: int(cases[c]) for c in fold_cases if c in cases},
     }
-
-
-NETWORK_IDS = {"head": "@classification_head", "num_classification_classes": "@num_classification_classes",
-               "lesion_labels": "@lesion_labels", "sigma": "@classification_sigma"}
-INFERENCE_IDS = ("classification_head", "classification_names", "num_classification_classes", "lesion_labels",
-                 "classification_sigma")
-
-
-def apply_to_train(train: dict, extra: dict) -> dict:
-    """train.json of a multi-task bundle: the multi-task network, loss, batch preparation, validation metrics and
-    progress plot, through ids (the segmentation parts stay as the template made them)."""
-    train = copy.deepcopy(train)
-    train.update(extra)
-    train["imports"] = list(train["imports"]) + ["$import scripts.classification"]
-    _set(train, "network_def#_target_", "scripts.classification.multitask_from_plan")
-    for key, value in NETWORK_IDS.items():
-        _set(train, f"network_def#{key}", value)
-    train["segmentation_loss"] = train["loss"]
-    train["loss"] = {"_target_": "scripts.classification.MultiTaskLoss", "segmentation_loss": "@segmentation_loss",
-                     "weight": "@classification_weight", "class_weights": "@classification_class_weights"}
-    train["prepare_batch"] = {"_target_": "scripts.classification.MultiTaskPrepareBatch",
-                              "case_classes": "@case_classes", "lesion_labels": "@lesion_labels"}
-    train["validate_prepare_batch"] = {"_target_": "scripts.classification.MultiTaskPrepareBatch",
-                                       "case_classes": "@case_classes", "lesion_labels": "@lesion_labels",
-                                       "reference_mask": False}
-    _set(train, "train#trainer#prepare_batch", "@prepare_batch")
-    _set(train, "validate#evaluator#prepare_batch", "@validate_prepare_batch")
-    _set(train, "validate#key_metric#val_pseudo_dice#output_transform",
-         "$scripts.classification.segmentation_output")
-    train["classification_metric"] = {"_target_": "scripts.classification.ClassificationMetric",
-                                      "num_classes": "@num_classification_classes", "lesion_labels": "@lesion_labels"}
-    _set(train, "validate#evaluator#additional_metrics", {"val_classification": "@classification_metric"})
-    handlers = train["train"]["handlers"]
-    if not _replace_target(handlers, "scripts.handlers.TrainingProgress",
-                           {"_target_": "scripts.classification.MultiTaskProgress",
-                            "classification_metric": "@classification_metric"}):
-        raise ValueError("train.json: no scripts.handlers.TrainingProgress handler to extend")
-    return train
-
-
-def apply_to_inference(inference: dict, train_values: dict, ensemble: bool = False) -> dict:
-    """inference.json (or an ensemble's) of a multi-task bundle: the multi-task network and inferer, and
-    ``classification.csv`` written by the postprocessing."""
-    inference = copy.deepcopy(inference)
-    inference.update({k: train_values[k] for k in INFERENCE_IDS if k in train_values})
-    inference["imports"] = list(inference["imports"]) + ["$import scripts.classification"]
-    if ensemble:
-        _set(inference, "inferer#_target_", "scripts.classification.MultiTaskEnsembleInferer")
-    else:
-        _set(inference, "network_def#_target_", "scripts.classification.multitask_from_plan")
-        for key, value in NETWORK_IDS.items():
-            _set(inference, f"network_def#{key}", value)
-        _set(inference, "inferer#_target_", "scripts.classification.MultiTaskInferer")
-    inference["classification_output"] = {"_target_": "scripts.classification.ClassificationOutputd",
-                                           "inferer": "@inferer", "output_dir": "@output_dir",
-                                           "names": "@classification_names"}
-    inference["postprocessing"]["transforms"].insert(0, "@classification_output")
-    return inference
 
 
 def apply_to_metadata(meta: dict, names: list[str], head: str) -> dict:
@@ -191,7 +116,7 @@ def apply_to_metadata(meta: dict, names: list[str], head: str) -> dict:
 
 def readme_section(train: dict) -> str:
     """The bundle README's section on the classification head ("" for a segmentation-only bundle)."""
-    if "classification_head" not in train:
+    if not train.get("classification_head"):
         return ""
     names = ", ".join(f"{i} = {n}" for i, n in enumerate(train["classification_names"]))
     return f"""

@@ -25,6 +25,7 @@ from autoplan.fingerprint import extract_fingerprint
 from autoplan.pipeline import run
 from autoplan.synthetic import make_synthetic_dataset
 from autoplan.verify import verify_dataset
+from bundles import TEMPLATES
 from test_bundles import bundle_cmd, bundle_on_path
 from test_tools_ensemble_select import ENV, ROOT, clean_scripts, one_thread, tool
 
@@ -105,16 +106,17 @@ def expected_probabilities(network, image, roi, starts, flips):
 def test_aggregated_class_probabilities_of_a_hand_made_network(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "bundles"))
     try:
-        from scripts import classification
-        from scripts.classification import ClassificationOutputd, MultiTaskInferer, _MultiTask
+        from scripts import inference
+        from scripts.classification import ClassificationOutputd, _MultiTask
+        from scripts.inference import NnUNetInferer
 
-        monkeypatch.setattr(classification, "is_multitask", lambda net: True)
+        monkeypatch.setattr(inference, "is_multitask", lambda net: True)
         network = HandMade()
         image = torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
         starts = [(a, b, c) for a in (0, 2, 4) for b in (0, 2, 4) for c in (0, 2, 4)]  # 4^3 windows, overlap 0.5
         flips = [[], [2], [3], [4], [2, 3], [2, 4], [3, 4], [2, 3, 4]]
         for axes, passes in (((0, 1, 2), flips), ((), [[]])):
-            inferer = MultiTaskInferer(roi_size=[4, 4, 4], mirror_axes=axes, overlap=0.5)
+            inferer = NnUNetInferer(roi_size=[4, 4, 4], mirror_axes=axes, overlap=0.5)
             with torch.no_grad():
                 inferer(image, network)
             expected = expected_probabilities(network, image, 4, starts, passes)
@@ -131,6 +133,11 @@ def test_aggregated_class_probabilities_of_a_hand_made_network(tmp_path, monkeyp
         assert out["class"] == 1 and np.allclose(out["class_probabilities"], [0.25, 0.75])
         rows = read_csv(tmp_path / "classification.csv")
         assert rows["case_042"][0] == 1 and np.allclose(rows["case_042"][1], [0.25, 0.75])
+        # a segmentation network leaves nothing to pop: the step is a no-op (every bundle's postprocessing has it)
+        monkeypatch.setattr(inference, "is_multitask", lambda net: False)
+        inferer(image, lambda x: torch.zeros(x.shape[0], 2, *x.shape[2:]))
+        assert ClassificationOutputd(inferer, tmp_path / "plain", ["a", "b"])(data).keys() == data.keys()
+        assert not (tmp_path / "plain").exists()
     finally:
         clean_scripts(str(ROOT / "bundles"))
 
@@ -206,6 +213,14 @@ def test_custom_splits_and_a_bad_head(multitask, tmp_path):
     assert train["val_cases"] == cases[:2] and sorted(train["case_classes"]) == cases
     inference = json.loads((bundle / "configs/inference.json").read_text())
     assert inference["classification_head"] == "attention" and "case_classes" not in inference
+    assert inference["lesion_labels"] == [1, 2] and train["classification_names"] == ["class_0", "class_1"]
+    for config, template in ((train, "train.json"), (inference, "inference.json")):  # emit only fills values
+        template = json.loads((TEMPLATES / template).read_text())
+        structure = [k for k, v in template.items()
+                     if k == "imports" or isinstance(v, dict) and k not in ("labels", "plans", "case_classes")]
+        assert [k for k in config if k in template] == list(template)
+        assert not any(isinstance(config[k], dict) for k in set(config) - set(template))  # values only
+        assert {k: config[k] for k in structure} == {k: template[k] for k in structure}
     with pytest.raises(ValueError, match="simple, roi, attention"):
         emit(plans, raw, tmp_path / "other", ["3d_fullres"], [0], classification_head="big")
 

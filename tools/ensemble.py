@@ -141,10 +141,10 @@ def read_member(bundle, averaged: bool = True) -> dict:
         "inferer": inferer,
         "plans": plans,
     }
-    if "classification_head" in inference:  # a multi-task bundle (autoplan.multitask)
+    if inference.get("classification_head"):  # a multi-task bundle (autoplan.multitask)
         member["classification"] = {
             "head": _literal(inference, "classification_head", inference_path),
-            "num_classification_classes": int(_literal(inference, "num_classification_classes", inference_path)),
+            "num_classification_classes": len(_literal(inference, "classification_names", inference_path)),
             "lesion_labels": list(_literal(inference, "lesion_labels", inference_path)),
             "sigma": float(_literal(inference, "classification_sigma", inference_path, 1.0))}
     return {"bundle": bundle, "member": member, "spec": spec, "num_channels": num_channels,
@@ -272,12 +272,12 @@ def ensemble_config(infos: list, postprocessing: dict | None = None) -> dict:
     dataset_dir = first["dataset_dir"]
     if isinstance(dataset_dir, str) and dataset_dir and not dataset_dir.startswith(("$", "@")):
         values["dataset_dir"] = dataset_dir
+    if any(info["member"].get("classification") for info in infos):  # multi-task members: classification.csv too
+        from autoplan.multitask import class_names
+
+        values["classification_names"] = class_names(first["spec"])
     for key, value in values.items():
         config[key] = value
-    if any(info["member"].get("classification") for info in infos):  # multi-task members: classification.csv too
-        from autoplan.multitask import apply_to_inference, class_names
-
-        config = apply_to_inference(config, {"classification_names": class_names(first["spec"])}, ensemble=True)
     return config
 
 

@@ -1,5 +1,12 @@
 """Multi-task bundles: segmentation plus one class per case (a lesion subtype), trained and predicted together.
 
+Every bundle template holds the wiring, switched off by ``classification_head: null``: the network factory
+(``scripts.networks.network_from_plan``) builds ``multitask_from_plan``'s network when a head is set, and the
+classification pieces here (``ClassificationLoss``, ``MultiTaskPrepareBatch``, ``ClassificationMetric``) are
+components disabled without a head; ``DeepSupervisedLoss``, ``TrainingProgress``, ``NnUNetInferer`` and
+``EnsembleInferer`` take them, or a multi-task network, when there are; ``ClassificationOutputd`` does nothing
+when the inferer has no class probabilities.
+
 The network (``multitask_from_plan``) is the plan's segmentation network (DynUNet, PlainConvUNet or ResEnc U-Net,
 state-dict keys unchanged) plus ``classification.*``: a head on the encoder's features.
 
@@ -16,18 +23,17 @@ segmentation network's (what the model zoo's checks, TorchScript, ONNX, MONAI La
 ``forward(x, lesion, with_class=True)`` returns the segmentation output(s) followed by the class logits (B, K) as
 one list, which training (``MultiTaskPrepareBatch`` passes the keyword arguments) and inference use.
 
-Inference (``MultiTaskInferer``) runs the usual sliding window with mirroring TTA. Each window pass (every window,
-every mirrored copy) also gives class probabilities (softmax of its logits) and a weight, the predicted lesion mass
-of that pass (the sum over its voxels of the lesion probability) plus ``EMPTY_WEIGHT``; the case's probabilities
-are the weighted mean (``aggregate_class_probabilities``), so windows that see the lesion decide, and a case
-without any predicted lesion gets the plain mean. ``ClassificationOutputd`` (first step of ``postprocessing``)
-writes the case's row to ``classification.csv`` in ``output_dir``: ``case,class,p_0,...,p_{K-1}``.
+Inference (``scripts.inference.NnUNetInferer``) runs the usual sliding window with mirroring TTA. Each window pass
+(every window, every mirrored copy) also gives class probabilities (softmax of its logits) and a weight, the
+predicted lesion mass of that pass (the sum over its voxels of the lesion probability) plus ``EMPTY_WEIGHT``
+(``WindowRecorder``); the case's probabilities are the weighted mean (``aggregate_class_probabilities``), so windows
+that see the lesion decide, and a case without any predicted lesion gets the plain mean. ``ClassificationOutputd``
+(the postprocessing's ``classification_output``) writes the case's row to ``classification.csv`` in ``output_dir``:
+``case,class,p_0,...,p_{K-1}``.
 """
 
-import collections
 import csv
 import io
-import logging
 import math
 import os
 from pathlib import Path
@@ -41,16 +47,12 @@ from monai.networks.nets import DynUNet
 from monai.transforms import MapTransform
 from torch import nn
 
-from .ensemble import EnsembleInferer
-from .handlers import TrainingProgress
-from .inference import NnUNetInferer
 from .networks import (ConvNormAct, NativeResolutionDynUNet, PlainConvUNet, ResidualEncoderUNet, _per_axis,
                        network_from_plan)
 
 HEADS = ("simple", "roi", "attention")
 EMPTY_WEIGHT = 1e-3  # voxels of lesion mass every window pass has, so that lesion-free cases average evenly
 CSV_NAME = "classification.csv"
-logger = logging.getLogger(__name__)
 
 
 # --- the head --------------------------------------------------------------------------------------------------
@@ -294,36 +296,21 @@ def split_output(output):
     return (outputs if len(outputs) > 1 else outputs[0]), logits
 
 
-class MultiTaskLoss(nn.Module):
-    """``segmentation_loss`` (the bundle's deep-supervised loss) + ``weight`` x cross-entropy of the class logits
-    (optionally class-weighted by ``class_weights``; cases of class -1 are left out)."""
+class ClassificationLoss(nn.Module):
+    """``weight`` x cross-entropy of the class logits (optionally class-weighted by ``class_weights``; cases of class
+    -1 are left out): the ``classification_loss`` that ``scripts.losses.DeepSupervisedLoss`` adds."""
 
-    def __init__(self, segmentation_loss: nn.Module, weight: float = 1.0, class_weights=None):
+    def __init__(self, weight: float = 1.0, class_weights=None):
         super().__init__()
-        self.segmentation_loss = segmentation_loss
         self.weight = float(weight)
         self.class_weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
 
-    def forward(self, output, target) -> torch.Tensor:
-        segmentation, logits = split_output(output)
-        label, classes = (target["label"], target.get("class")) if isinstance(target, dict) else (target, None)
-        loss = self.segmentation_loss(segmentation, label)
-        known = None if classes is None else classes >= 0
-        if self.weight == 0 or known is None or not bool(known.any()):
-            return loss + 0.0 * logits.sum()  # every parameter stays in the graph (DDP)
+    def forward(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        known = classes >= 0
+        if self.weight == 0 or not bool(known.any()):
+            return 0.0 * logits.sum()  # every parameter stays in the graph (DDP)
         weights = None if self.class_weights is None else self.class_weights.to(logits.device)
-        ce = F.cross_entropy(logits.float(), classes, weight=weights, ignore_index=-1)
-        return loss + self.weight * ce
-
-
-def segmentation_output(output: dict):
-    """``(segmentation logits, label map)`` of an engine's output, for the segmentation metrics."""
-    pred, label = output["pred"], output["label"]
-    if isinstance(pred, (list, tuple)):
-        pred = pred[0]
-    if isinstance(label, dict):
-        label = label["label"]
-    return pred, label
+        return self.weight * F.cross_entropy(logits.float(), classes, weight=weights, ignore_index=-1)
 
 
 def classification_scores(confusion: np.ndarray) -> dict:
@@ -383,38 +370,6 @@ class ClassificationMetric(Metric):
         return self.last_f1
 
 
-class MultiTaskProgress(TrainingProgress):
-    """``TrainingProgress`` that also records the validation classification accuracy and macro-F1 per epoch
-    (``progress.json``: ``val_class_accuracy``, ``val_class_macro_f1``) and plots them in ``progress.png``."""
-
-    def __init__(self, *args, classification_metric=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.classification_metric = classification_metric
-        self.history.update(val_class_accuracy=[], val_class_macro_f1=[])
-
-    def epoch_completed(self, engine) -> None:
-        h = self.history
-        for key in ("val_class_accuracy", "val_class_macro_f1"):
-            h.setdefault(key, [float("nan")] * len(h["epoch"]))
-        metric = self.classification_metric
-        h["val_class_accuracy"].append(metric.last_accuracy if metric is not None else float("nan"))
-        h["val_class_macro_f1"].append(metric.last_f1 if metric is not None else float("nan"))
-        logger.info(f"epoch {engine.state.epoch + 0}: classification accuracy {h['val_class_accuracy'][-1]:.4f}, "
-                    f"macro-F1 {h['val_class_macro_f1'][-1]:.4f}")
-        super().epoch_completed(engine)
-
-    def extra_panels(self) -> list:
-        """The classification panel of progress.png: validation accuracy and macro-F1 per epoch."""
-        def draw(axis, h):
-            axis.plot(h["epoch"], h.get("val_class_accuracy", []), "b-", label="classification accuracy")
-            axis.plot(h["epoch"], h.get("val_class_macro_f1", []), "r-", label="classification macro-F1")
-            axis.set_ylim(-0.02, 1.02)
-            axis.set_ylabel("validation (lesion patches)")
-            axis.legend(loc="upper left")
-
-        return [draw]
-
-
 # --- inference -------------------------------------------------------------------------------------------------
 def aggregate_class_probabilities(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The case's class probabilities (K,) from every window pass's probabilities (N, K) and weights (N,): the
@@ -424,7 +379,7 @@ def aggregate_class_probabilities(probabilities: torch.Tensor, weights: torch.Te
     return mean / mean.sum()  # float32 softmax rows sum to 1 only within ~1e-7
 
 
-class _WindowRecorder(nn.Module):
+class WindowRecorder(nn.Module):
     """Runs a multi-task network on one batch of windows: returns the segmentation logits (what the sliding window
     stitches) and records each window's class probabilities and weight."""
 
@@ -447,58 +402,6 @@ class _WindowRecorder(nn.Module):
 
     def case_probabilities(self) -> torch.Tensor:
         return aggregate_class_probabilities(torch.cat(self.probabilities), torch.cat(self.weights))
-
-
-class MultiTaskInferer(NnUNetInferer):
-    """``NnUNetInferer`` (sliding window + mirroring TTA, same arguments and output: the segmentation logits) that
-    also aggregates the class probabilities of every case it predicts (see the module docstring). They wait in
-    ``class_outputs`` (one (K,) array per image, in order) for ``ClassificationOutputd``; a network without a
-    classification head (e.g. the ONNX Runtime backend) gives ``None``."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.class_outputs = collections.deque(maxlen=4096)
-
-    def __call__(self, inputs, network, *args, **kwargs):
-        if inputs.shape[0] > 1:  # one image at a time, so that every window belongs to one case
-            return torch.cat([self(inputs[b:b + 1], network, *args, **kwargs) for b in range(inputs.shape[0])])
-        if not is_multitask(network):
-            self.class_outputs.append(None)
-            return super().__call__(inputs, network, *args, **kwargs)
-        recorder = _WindowRecorder(network)
-        out = super().__call__(inputs, recorder, *args, **kwargs)
-        self.class_outputs.append(recorder.case_probabilities().numpy())
-        return out
-
-    def pop_classification(self):
-        return self.class_outputs.popleft() if self.class_outputs else None
-
-
-class MultiTaskEnsembleInferer(EnsembleInferer):
-    """``EnsembleInferer`` whose members with a classification head also give class probabilities: the folds of a
-    configuration average their case probabilities, then the configurations average theirs (as the segmentation
-    probabilities are averaged across configurations); members that only feed a cascade are left out."""
-
-    def __init__(self, members: list, *args, **kwargs):
-        super().__init__(members, *args, **kwargs)
-        for inferer in self.inferers:  # the members' NnUNetInferers, made multi-task with their settings
-            inferer.__class__ = MultiTaskInferer
-            inferer.class_outputs = collections.deque(maxlen=4096)
-        self.class_outputs = collections.deque(maxlen=4096)
-
-    def predict_image(self, image, members):
-        result = super().predict_image(image, members)
-        by_group = []
-        for _, indices in self.groups:
-            outputs = [(i, self.inferers[i].pop_classification()) for i in indices]
-            probabilities = [p for i, p in outputs if p is not None and self.members[i].get("averaged", True)]
-            if probabilities:
-                by_group.append(np.mean(probabilities, axis=0))
-        self.class_outputs.append(np.mean(by_group, axis=0) if by_group else None)
-        return result
-
-    def pop_classification(self):
-        return self.class_outputs.popleft() if self.class_outputs else None
 
 
 # --- classification.csv ----------------------------------------------------------------------------------------
@@ -572,10 +475,11 @@ def average_classification_files(files, cases=None) -> dict:
 
 
 class ClassificationOutputd(MapTransform):
-    """First step of a multi-task bundle's ``postprocessing``: takes the case's class probabilities from the
-    ``inferer``, puts them in the data (``class_probabilities``, ``class``) and writes the case's row to
-    ``output_dir/classification.csv``; the rest of the postprocessing is the segmentation's. A MapTransform on
-    ``pred`` (which it leaves as it is), like the steps after it, for consumers that look at the first step."""
+    """First step of every bundle's ``postprocessing`` (the ``classification_output`` id): takes the case's class
+    probabilities from the ``inferer``, puts them in the data (``class_probabilities``, ``class``) and writes the
+    case's row to ``output_dir/classification.csv``; does nothing when the inferer has none (a segmentation-only
+    bundle). A MapTransform on ``pred`` (which it leaves as it is), like the steps after it, for consumers that look
+    at the first step."""
 
     def __init__(self, inferer, output_dir, names=(), name_key: str = "image", write: bool = True, keys="pred"):
         super().__init__(keys, allow_missing_keys=True)

@@ -21,10 +21,15 @@ the previous stage's members of the same ensemble (members with ``"averaged": fa
 ``members.<i>.<member key>``) is the bundle's ``models/model.pt``. Its ``forward`` (the mean of the members' logits)
 is only defined when all members share one configuration, i.e. take the same input tensor; the real prediction is
 the inferer's.
+
+Multi-task members (``scripts.classification``) also give each image's class probabilities, averaged like the
+segmentation's (folds, then configurations); ``pop_classification`` hands them to the postprocessing's
+``ClassificationOutputd``.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -139,6 +144,7 @@ class EnsembleInferer(Inferer):
                 roi_size=[int(p) for p in m["patch_size"]], mirror_axes=m["mirror_axes"] if use_tta else [],
                 two_d=bool(m["two_d"]), sw_batch_size=sw_batch_size, **settings))
         self.order = self._dependency_order()
+        self.class_outputs = collections.deque(maxlen=4096)
 
     def _dependency_order(self) -> list:
         order, seen = [], set()
@@ -200,7 +206,24 @@ class EnsembleInferer(Inferer):
         if not averaged:
             raise ValueError("ensemble has no averaged member")
         mean = averaged[0] if len(averaged) == 1 else np.mean(averaged, axis=0)
+        self.class_outputs.append(self._class_probabilities())
         return from_nnunet_order(mean.astype(np.float32, copy=False), spatial_dims)
+
+    def _class_probabilities(self):
+        """The image's class probabilities from the multi-task members' inferers (None without such members): the
+        folds of a configuration averaged, then the configurations, as the segmentation's probabilities; members
+        that only feed a cascade do not count."""
+        by_group = []
+        for _, indices in self.groups:
+            outputs = [(i, self.inferers[i].pop_classification()) for i in indices]
+            probabilities = [p for i, p in outputs if p is not None and self.members[i].get("averaged", True)]
+            if probabilities:
+                by_group.append(np.mean(probabilities, axis=0))
+        return np.mean(by_group, axis=0) if by_group else None
+
+    def pop_classification(self):
+        """The class probabilities (K,) of the oldest image not yet popped; None when there is none."""
+        return self.class_outputs.popleft() if self.class_outputs else None
 
     @staticmethod
     def _previous_channels(previous_probabilities: list, props: dict, member: dict, plan: PlanSettings,

@@ -79,15 +79,22 @@ class TrainingProgress:
     A run resumes only an interrupted run of the same length on the same training data (``data_key``); any other
     start (a finished run, another ``max_epochs``, other data: MONAI Label's next "Train") is a new run that starts
     from ``models/model.pt`` when it exists, so each request trains on from the last weights. The log says which.
+
+    A multi-task bundle passes its ``classification_metric`` (``scripts.classification.ClassificationMetric``, None
+    otherwise): each epoch's validation classification accuracy and macro-F1 are then logged, kept in the history
+    (``val_class_accuracy``, ``val_class_macro_f1``) and plotted in a panel of their own.
     """
 
     def __init__(self, network, optimizer, lr_scheduler, metric, ckpt_dir, output_dir, enabled: bool = True,
-                 resume: bool = True, data_key: str = ""):
+                 resume: bool = True, data_key: str = "", classification_metric=None):
         self.network, self.optimizer, self.lr_scheduler, self.metric = network, optimizer, lr_scheduler, metric
         self.ckpt_dir, self.output_dir = Path(ckpt_dir), Path(output_dir)
         self.enabled, self.resume, self.data_key = enabled, resume, data_key
+        self.classification_metric = classification_metric
         self.history = {"epoch": [], "train_loss": [], "val_pseudo_dice": [], "val_pseudo_dice_per_class": [],
                         "val_ema": [], "lr": [], "epoch_seconds": []}
+        if classification_metric is not None:
+            self.history.update(val_class_accuracy=[], val_class_macro_f1=[])
         self.best_ema = None
         self._losses: list[float] = []
         self._epoch_lr = None
@@ -150,6 +157,8 @@ class TrainingProgress:
 
     def epoch_completed(self, engine: Engine) -> None:
         h = self.history
+        if self.classification_metric is not None:
+            self._classification_completed(engine)
         h["epoch"].append(engine.state.epoch)
         h["train_loss"].append(mean_over_ranks(self._losses))  # every rank takes part
         h["val_pseudo_dice"].append(self.metric.last_mean)
@@ -177,9 +186,29 @@ class TrainingProgress:
         if self.enabled:
             save_atomic(_unwrap(self.network).state_dict(), self.ckpt_dir / "model.pt")
 
+    def _classification_completed(self, engine: Engine) -> None:
+        h, metric = self.history, self.classification_metric
+        for key in ("val_class_accuracy", "val_class_macro_f1"):  # a resumed history may predate them
+            h.setdefault(key, [float("nan")] * len(h["epoch"]))
+        h["val_class_accuracy"].append(metric.last_accuracy)
+        h["val_class_macro_f1"].append(metric.last_f1)
+        logger.info(f"epoch {engine.state.epoch}: classification accuracy {metric.last_accuracy:.4f}, "
+                    f"macro-F1 {metric.last_f1:.4f}")
+
     def extra_panels(self) -> list:
-        """Functions ``(axis, history)`` drawing panels between the loss and the epoch-time panels (none here)."""
-        return []
+        """Functions ``(axis, history)`` drawing panels between the loss and the epoch-time panels: the validation
+        classification accuracy and macro-F1 of a multi-task bundle."""
+        if self.classification_metric is None:
+            return []
+
+        def classification(axis, h):
+            axis.plot(h["epoch"], h.get("val_class_accuracy", []), "b-", label="classification accuracy")
+            axis.plot(h["epoch"], h.get("val_class_macro_f1", []), "r-", label="classification macro-F1")
+            axis.set_ylim(-0.02, 1.02)
+            axis.set_ylabel("validation (lesion patches)")
+            axis.legend(loc="upper left")
+
+        return [classification]
 
     def plot(self) -> None:
         """progress.png like nnU-Net's: losses and pseudo-Dice, any ``extra_panels``, epoch duration, learning rate;

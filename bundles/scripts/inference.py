@@ -9,6 +9,7 @@ that calls ``inferer(inputs, network)`` gets nnU-Net's prediction.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -22,6 +23,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform
 from torch import nn
 
+from .classification import WindowRecorder, is_multitask
 from .networks import MirrorTTA
 
 
@@ -82,6 +84,10 @@ class NnUNetInferer(SlidingWindowInferer):
 
     ``mirror_axes`` are spatial axes of the patch ((0, 1, 2) for 3-D, (0, 1) for 2-D; ``()`` disables TTA). With
     ``two_d`` the window is one slice thick and the network sees 2-D slices, each slice predicted once.
+
+    A multi-task network (``scripts.classification``) is run one image at a time and also gives the image's class
+    probabilities, aggregated over every window pass; they wait in ``class_outputs`` for ``pop_classification``
+    (``scripts.classification.ClassificationOutputd`` in the postprocessing). A segmentation network leaves it empty.
     """
 
     def __init__(self, roi_size, mirror_axes=(), two_d: bool = False, overlap: float = 0.5, mode: str = "gaussian",
@@ -101,6 +107,7 @@ class NnUNetInferer(SlidingWindowInferer):
             self.tile_weights = torch.from_numpy(weights.reshape(tile))
         else:
             self.tile_weights = torch.ones(tile)
+        self.class_outputs = collections.deque(maxlen=4096)
 
     def tile_slices(self, image_size) -> list[tuple]:
         """The spatial slices of every tile over an image at least as large as the tile, in nnU-Net's order."""
@@ -112,6 +119,21 @@ class NnUNetInferer(SlidingWindowInferer):
         return [tuple(slice(s, s + t) for s, t in zip(corner, tile)) for corner in itertools.product(*starts)]
 
     def __call__(self, inputs, network, *args, **kwargs):
+        if not is_multitask(network):
+            return self.segment(inputs, network, *args, **kwargs)
+        outputs = []
+        for b in range(inputs.shape[0]):  # one image at a time, so that every window belongs to one case
+            recorder = WindowRecorder(network)
+            outputs.append(self.segment(inputs[b:b + 1], recorder, *args, **kwargs))
+            self.class_outputs.append(recorder.case_probabilities().numpy())
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def pop_classification(self):
+        """The class probabilities (K,) of the oldest image not yet popped; None when there is none."""
+        return self.class_outputs.popleft() if self.class_outputs else None
+
+    def segment(self, inputs, network, *args, **kwargs):
+        """The stitched segmentation logits of ``network``'s windows."""
         network = SliceWise(network) if self.two_d else network
         if self.mirror_axes:
             network = MirrorTTA(network, self.mirror_axes)

@@ -174,15 +174,25 @@ class NnUNetRegionDiceBCE(nn.Module):
 
 class DeepSupervisedLoss(nn.Module):
     """``loss`` (any ``(output, label map)`` loss) over the network's deep-supervision outputs, with nnU-Net's
-    weights; a network without deep supervision gets ``loss`` itself."""
+    weights; a network without deep supervision gets ``loss`` itself.
 
-    def __init__(self, loss: nn.Module, num_outputs: int):
+    With a ``classification_loss`` (a multi-task bundle, ``scripts.classification``) the output ends with the class
+    logits and the target is ``{"label": label map, "class": classes}``: that loss of the logits is added."""
+
+    def __init__(self, loss: nn.Module, num_outputs: int, classification_loss: nn.Module | None = None):
         super().__init__()
         self.loss = loss
         self.weights = deep_supervision_weights(num_outputs)
         self.deep_supervision = DeepSupervisionLoss(self.loss, weights=self.weights)
+        self.classification_loss = classification_loss
 
-    def forward(self, output, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, output, target) -> torch.Tensor:
+        if self.classification_loss is None:
+            return self.segmentation(output, target)
+        *segmentation, logits = output
+        return self.segmentation(segmentation, target["label"]) + self.classification_loss(logits, target["class"])
+
+    def segmentation(self, output, target: torch.Tensor) -> torch.Tensor:
         outputs = split_deep_supervision(output, target.ndim - 2)
         if len(outputs) == 1:
             return self.loss(outputs[0], target)

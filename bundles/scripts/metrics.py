@@ -15,9 +15,18 @@ from ignite.metrics import Metric
 from monai.handlers import from_engine
 
 
+def segmentation_output(output):
+    """``(prediction, label map)`` of an engine's output; of a multi-task network's (the prediction ends with the
+    class logits, the label is ``{"label": label map, "class": classes}``) the segmentation's."""
+    pred, label = from_engine(["pred", "label"])(output)
+    if isinstance(label, dict):
+        pred, label = pred[0], label["label"]
+    return pred, label
+
+
 class PseudoDice(Metric):
     def __init__(self, num_classes: int, ignore_label: int | None = None, ema_momentum: float = 0.9,
-                 output_transform=from_engine(["pred", "label"]), device="cpu", regions=None):
+                 output_transform=segmentation_output, device="cpu", regions=None):
         self.num_classes = num_classes
         self.regions = regions
         self.ignore_label = ignore_label

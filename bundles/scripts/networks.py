@@ -18,7 +18,7 @@ return one ``(B, C, *spatial)`` tensor. ``split_deep_supervision`` also accepts 
 
 import itertools
 import logging
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from monai.networks.nets import DynUNet
@@ -510,13 +510,23 @@ def resenc_from_plan(arch_kwargs: dict, in_channels: int, out_channels: int, dee
                                arch_kwargs["n_conv_per_stage_decoder"], deep_supervision)
 
 
-def network_from_plan(plan_configuration: dict, in_channels: int, out_channels: int, deep_supervision: bool = True):
+def network_from_plan(plan_configuration: dict, in_channels: int, out_channels: int, deep_supervision: bool = True,
+                      classification_head: Optional[str] = None, num_classification_classes: int = 2,
+                      lesion_labels=(1,), classification_sigma: float = 1.0):
     """The network of one (inheritance-resolved) plans configuration, by ``architecture.network_class_name``.
 
     PlainConvUNet -> MONAI DynUNet where it computes the same (``dynunet_is_exact``), else ours; ResidualEncoderUNet
     -> ours. ``out_channels`` is the number of label keys (or regions); ``in_channels`` the number of image channels
-    (plus one-hot previous stage for a cascade).
+    (plus one-hot previous stage for a cascade). With a ``classification_head`` the network also classifies the
+    case (``scripts.classification.multitask_from_plan``); the templates pass the bundle's ids, null in a
+    segmentation-only bundle.
     """
+    if classification_head:
+        from .classification import multitask_from_plan
+
+        return multitask_from_plan(plan_configuration, in_channels, out_channels, deep_supervision,
+                                   classification_head, num_classification_classes, lesion_labels,
+                                   classification_sigma)
     arch = plan_configuration.get("architecture", plan_configuration)
     name = str(arch["network_class_name"]).rsplit(".", 1)[-1]
     kwargs = arch["arch_kwargs"]
