@@ -234,20 +234,11 @@ def read_postprocessing(model_dir: Path, foreground: list):
 
 
 def _with_postprocessing(inference: dict, postprocessing: dict) -> dict:
-    """inference.json with nnU-Net's keep-largest-component steps before the label map is saved (ids
+    """inference.json with nnU-Net's keep-largest-component steps switched on (the template's ids
     ``keep_largest_foreground`` and ``keep_largest_labels``, which ``--keep_largest_foreground False`` etc. turn
-    off)."""
-    steps = inference["postprocessing"]["transforms"]
-    at = next((i for i, t in enumerate(steps) if isinstance(t, dict) and str(t.get("_target_", "")).endswith(
-        "SaveImaged")), len(steps))  # "@classification_output" is a reference
-    inference["keep_largest_foreground"] = postprocessing["keep_largest_foreground"]
-    inference["keep_largest_labels"] = postprocessing["keep_largest_labels"]
-    if "$import scripts.postprocessing" not in inference["imports"]:
-        inference["imports"].append("$import scripts.postprocessing")
-    steps.insert(at, {"_target_": "scripts.postprocessing.KeepLargestComponentd", "keys": "pred",
-                      "keep_largest_foreground": "@keep_largest_foreground",
-                      "foreground_labels": "@foreground_labels", "keep_largest_labels": "@keep_largest_labels"})
-    return inference
+    off again)."""
+    return {**inference, "keep_largest_foreground": postprocessing["keep_largest_foreground"],
+            "keep_largest_labels": postprocessing["keep_largest_labels"]}
 
 
 def read_model_dir(model_dir, checkpoint: str = "final", folds=None) -> dict:
