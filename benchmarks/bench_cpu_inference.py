@@ -29,7 +29,12 @@ times and peaks come from separate runs):
 * ours: the imported bundle's ``configs/inference.json`` through ``ConfigWorkflow`` (what ``python -m monai.bundle
   run`` does), TTA on, ``DataLoader`` with ``P - 1`` workers (``P`` processes), timed per phase (appended to a
   file, in both runs): load, preprocess, network (sliding window with TTA), resampling back (``NnUNetRestored``),
-  writing (``SaveImaged``); in the memory run also the peak per phase.
+  writing (``SaveImaged``); in the memory run also the peak per phase. It runs in two environments
+  (``--ours-envs``): ``ours``, this interpreter with the development install (``requirements.txt``: mlflow,
+  matplotlib, tensorboard, Ray...), and ``ours_inference``, a venv in the work folder with only
+  ``requirements-inference.txt``, as a CPU inference machine would install it. MONAI imports every optional package
+  it finds, so the two differ by about 4 s of start-up and exit; nnU-Net runs in its own venv, which holds only
+  nnunetv2 and its dependencies.
 
 Then the label maps are compared (voxel agreement, Dice per label); the default training (250 + 300 iterations,
 about 75 minutes on 2 cores) gives a model that segments both structures (nnU-Net's validation Dice 0.965 and 0.986
@@ -60,6 +65,7 @@ DATASET_ID, DATASET = 990, "Dataset990_CpuBench"
 DEFAULT_OUT = bu.BENCH / "results" / "cpu_inference.json"
 DEFAULT_WORK = Path.home() / ".cache" / "autoplan" / "bench_cpu_inference"
 PRESETS = ("default", "torchres", "torchres_sepz")
+OURS_ENVS = ("ours", "ours_inference")
 
 
 def preset_plans(plans: dict, preset: str) -> dict:
@@ -161,16 +167,36 @@ def setup_nnunet(work: Path, nn_bin: Path, features: int, iterations: list, pres
 
 
 def import_bundles(work: Path, folders: dict, log: Path) -> dict:
+    """Imported afresh on every run, so that the bundles carry this checkout's runtime (``scripts/``)."""
     bundles = {}
     for preset, folder in folders.items():
         out = work / "bundles" / preset
-        bundle = out / f"{DATASET}_3d_fullres_fold0"
-        if not (bundle / "models" / "model.pt").is_file():
-            shutil.rmtree(out, ignore_errors=True)
-            _run([sys.executable, "-m", "autoplan", "import-nnunet", folder, "--out", out], bu.ours_env(0),
-                 cwd=bu.REPO, log=log)
-        bundles[preset] = bundle
+        shutil.rmtree(out, ignore_errors=True)
+        _run([sys.executable, "-m", "autoplan", "import-nnunet", folder, "--out", out], bu.ours_env(0), cwd=bu.REPO,
+             log=log)
+        bundles[preset] = out / f"{DATASET}_3d_fullres_fold0"
     return bundles
+
+
+def ensure_inference_venv(work: Path, log: Path) -> Path:
+    """A venv with only ``requirements-inference.txt`` (and this interpreter's torch): a CPU inference machine's
+    install. Rebuilt when that file changes; returns its python."""
+    import hashlib
+
+    import torch
+
+    requirements = bu.REPO / "requirements-inference.txt"
+    venv = work / "inference-venv"
+    python = venv / "bin" / "python"
+    stamp = venv / "requirements.sha256"
+    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    if not python.is_file() or not stamp.is_file() or stamp.read_text() != digest:
+        shutil.rmtree(venv, ignore_errors=True)
+        _run([sys.executable, "-m", "venv", venv], log=log)
+        _run([python, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"], log=log)
+        _run([python, "-m", "pip", "install", "-q", "-r", requirements], log=log)
+        stamp.write_text(digest)
+    return python
 
 
 # --- ours, inside the measured process ---------------------------------------------------------------------------
@@ -233,11 +259,13 @@ def ours_predict(args) -> int:
     return 0
 
 
-def ours_run(args, work: Path, tag: str, bundle: Path, big: Path, out: Path, memory: bool, env: dict) -> dict:
-    """One measured ``ours-predict`` subprocess; with its phase split (and, in memory runs, peaks per phase)."""
+def ours_run(args, work: Path, tag: str, bundle: Path, big: Path, out: Path, memory: bool, env: dict,
+             python) -> dict:
+    """One measured ``ours-predict`` subprocess under ``python``; with its phase split (and, in memory runs, peaks
+    per phase)."""
     split = work / f"{tag}.split.jsonl"
     split.unlink(missing_ok=True)
-    cmd = [sys.executable, Path(__file__).resolve(), "ours-predict", "--bundle", bundle, "--input", big, "--output",
+    cmd = [python, Path(__file__).resolve(), "ours-predict", "--bundle", bundle, "--input", big, "--output",
            out, "--workers", args.processes - 1, "--threads", args.threads, "--split-log", split, "--result",
            work / f"{tag}.json"] + (["--memory"] if memory else [])
     m = bu.run_measured(cmd, env=env, log=work / f"{tag}.log", memory=memory)
@@ -296,6 +324,9 @@ def main(argv=None) -> int:
     ap.add_argument("--big-shape", type=int, nargs=3, default=[512, 512, 120], help="x y z")
     ap.add_argument("--big-spacing", type=float, nargs=3, default=[0.7, 0.7, 2.5], help="x y z (mm)")
     ap.add_argument("--venv", default=None, help="nnU-Net venv folder (default $NNUNET_VENV or ~/.cache/...)")
+    ap.add_argument("--ours-envs", nargs="+", default=list(OURS_ENVS), choices=OURS_ENVS,
+                    help="where ours runs: 'ours' in this interpreter (the development install, requirements.txt), "
+                         "'ours_inference' in a venv with only requirements-inference.txt (default: both)")
     args = ap.parse_args(argv)
     if args.command == "ours-predict":
         return ours_predict(args)
@@ -324,11 +355,17 @@ def main(argv=None) -> int:
     nn_env["nnUNet_def_n_proc"] = str(args.processes)
     ours_env = bu.ours_env(0)
     ours_env.pop("BENCH_THREADS", None)
+    lean_env = {k: v for k, v in ours_env.items() if k != "PYTHONPATH"}  # nothing from the development install
+    pythons = {"ours": (sys.executable, ours_env)}
+    if "ours_inference" in args.ours_envs:
+        pythons["ours_inference"] = (ensure_inference_venv(work, log), lean_env)
+    tools = [t for t in OURS_ENVS if t in args.ours_envs] + ["nnunet"]
+    result["ours_environments"] = {t: str(pythons[t][0]) for t in tools if t != "nnunet"}
     exit_code = 0
     for preset in args.presets:
         plans_name = json.loads((folders[preset] / "plans.json").read_text())["plans_name"]
         for rep in range(args.repeats):
-            order = ("ours", "nnunet") if rep % 2 == 0 else ("nnunet", "ours")
+            order = tools if rep % 2 == 0 else tools[::-1]
             outs = {}
             for kind in ("time", "memory"):  # wall times unpolled; peaks from separate, polled runs
                 for tool in order:
@@ -343,7 +380,8 @@ def main(argv=None) -> int:
                                "-nps", args.processes]
                         m = bu.run_measured(cmd, env=nn_env, log=work / f"{tag}.log", memory=kind == "memory")
                     else:
-                        m = ours_run(args, work, tag, bundles[preset], big, out, kind == "memory", ours_env)
+                        python, env = pythons[tool]
+                        m = ours_run(args, work, tag, bundles[preset], big, out, kind == "memory", env, python)
                         cmd = m.pop("cmd")
                     m["command"] = " ".join(str(c) for c in cmd)
                     files = sorted(out.glob("*.nii.gz"))
@@ -360,29 +398,34 @@ def main(argv=None) -> int:
                         + (f", split {json.dumps({k: round(v, 1) for k, v in m['split_s'].items()})}"
                            if m.get("split_s") else ""), flush=True)
                     result["runs"][key] = m
-            if len(outs) == 2:
-                agree = agreement(outs["ours"], outs["nnunet"], labels)
-                result["runs"][f"{preset}/agreement/{rep}"] = agree
-                print(f"{preset}/agreement/{rep}: {json.dumps(agree)}", flush=True)
+            for tool in (t for t in tools if t != "nnunet" and t in outs and "nnunet" in outs):
+                agree = agreement(outs[tool], outs["nnunet"], labels)
+                key = f"{preset}/agreement/{rep}" + ("" if tool == "ours" else f"/{tool}")
+                result["runs"][key] = agree
+                print(f"{key}: {json.dumps(agree)}", flush=True)
     rows = []
     for preset in args.presets:
         def ok(tool, kind):
             return [v for k, v in result["runs"].items() if k.startswith(f"{preset}/{tool}/")
                     and k.endswith("/memory") == (kind == "memory") and v["returncode"] == 0]
 
-        ours, nn, ours_mem, nn_mem = ok("ours", "time"), ok("nnunet", "time"), ok("ours", "memory"), ok("nnunet",
-                                                                                                         "memory")
-        if not ours or not nn:
-            continue
-        best_o, best_n = min(ours, key=lambda m: m["wall_s"]), min(nn, key=lambda m: m["wall_s"])
-        rows.append((f"{preset}: wall s (best, unpolled)", best_o["wall_s"], best_n["wall_s"], ".1f"))
-        if ours_mem and nn_mem:
-            rows += [(f"{preset}: peak PSS MB (max)", max(m["peak_pss_mb"] for m in ours_mem),
-                      max(m["peak_pss_mb"] for m in nn_mem), ".0f"),
-                     (f"{preset}: peak RSS MB (max)", max(m["peak_rss_mb"] for m in ours_mem),
-                      max(m["peak_rss_mb"] for m in nn_mem), ".0f")]
-        for phase in ("load", "preprocess", "network", "resample_back", "write"):
-            rows.append((f"{preset}: ours {phase} s", best_o.get("split_s", {}).get(phase), None, ".1f"))
+        nn, nn_mem = ok("nnunet", "time"), ok("nnunet", "memory")
+        for tool in (t for t in tools if t != "nnunet"):
+            ours, ours_mem = ok(tool, "time"), ok(tool, "memory")
+            if not ours or not nn:
+                continue
+            best_o, best_n = min(ours, key=lambda m: m["wall_s"]), min(nn, key=lambda m: m["wall_s"])
+            rows.append((f"{preset}, {tool}: wall s (best, unpolled)", best_o["wall_s"], best_n["wall_s"], ".1f"))
+            if ours_mem and nn_mem:
+                rows += [(f"{preset}, {tool}: peak PSS MB (max)", max(m["peak_pss_mb"] for m in ours_mem),
+                          max(m["peak_pss_mb"] for m in nn_mem), ".0f"),
+                         (f"{preset}, {tool}: peak RSS MB (max)", max(m["peak_rss_mb"] for m in ours_mem),
+                          max(m["peak_rss_mb"] for m in nn_mem), ".0f")]
+            driver = best_o.get("driver") or {}
+            split = {"start-up and exit": best_o["wall_s"] - driver["run_s"] if driver else None,
+                     **{phase: best_o.get("split_s", {}).get(phase)
+                        for phase in ("load", "preprocess", "network", "resample_back", "write")}}
+            rows += [(f"{preset}, {tool}: {phase} s", v, None, ".1f") for phase, v in split.items()]
     print()
     bu.print_table(rows, ("", "ours", "nnU-Net"))
     result["table"] = [{"metric": r[0], "ours": r[1], "nnunet": r[2], "ratio_ours_over_nnunet": bu.ratio(r[1], r[2])}

@@ -4,6 +4,7 @@ right files with the right geometry."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import sklearn_splits, with_lowres_and_cascade
+from conftest import ROOT, sklearn_splits, with_lowres_and_cascade
 from autoplan.emit import emit
 from autoplan.pipeline import run
 from autoplan.synthetic import make_synthetic_dataset
@@ -464,6 +465,44 @@ def test_inference_keeps_input_geometry_and_moves_with_the_bundle(trained_3d, tm
     first = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_005.nii.gz")))
     second = sitk.GetArrayFromImage(sitk.ReadImage(str(out2 / "case_005.nii.gz")))
     np.testing.assert_array_equal(first, second)
+
+
+def _requirement_names(path: Path) -> set:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {re.split(r"[<>=!~\[; ]", line)[0].lower() for line in lines if line}
+
+
+# what the packages outside requirements-inference.txt are imported as (the test extra's too)
+IMPORT_NAMES = {"simpleitk": "SimpleITK", "pyyaml": "yaml", "ray": "ray", "mlflow": "mlflow",
+                "matplotlib": "matplotlib", "tensorboard": "tensorboard", "scikit-image": "skimage",
+                "scikit-learn": "sklearn", "onnx": "onnx", "onnxruntime": "onnxruntime", "pandas": "pandas"}
+BLOCKED_RUN = """import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError("not in requirements-inference.txt: " + name)
+sys.meta_path.insert(0, Block())
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__")
+"""
+
+
+def test_inference_needs_only_requirements_inference(trained_3d, tmp_path):
+    """A machine that only predicts installs requirements-inference.txt: inference runs with nothing else."""
+    inference, full = _requirement_names(ROOT / "requirements-inference.txt"), _requirement_names(
+        ROOT / "requirements.txt")
+    assert inference < full
+    blocked = sorted(IMPORT_NAMES[n] for n in set(IMPORT_NAMES) - inference)
+    assert {"mlflow", "matplotlib", "SimpleITK", "ray", "tensorboard"} <= set(blocked)
+    raw, bundle = trained_3d
+    args = ["run", "--config_file", "configs/inference.json", "--dataset_dir", raw / "imagesTs", "--use_tta", "False"]
+    bundle_cmd(bundle, *args, "--output_dir", tmp_path / "full")
+    result = subprocess.run([sys.executable, "-c", BLOCKED_RUN.format(blocked=blocked), *map(str, args),
+                             "--output_dir", str(tmp_path / "lean")], cwd=bundle, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "lean" / "case_005.nii.gz"))),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "full" / "case_005.nii.gz"))))
 
 
 def test_ckpt_export_gives_the_same_output(trained_3d):
