@@ -16,9 +16,9 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import DynUNet
 from torch import nn
 
-from bundles.scripts.networks import (CPU_KERNELS, BasicBlockD, CpuInferenceConv3d, MirrorTTA, PlainConvUNet,
-                                      ResidualEncoderUNet, dynunet_from_plan, dynunet_is_exact, load_initial_weights,
-                                      network_from_plan, nnunet_state_dict, plain_from_plan, split_deep_supervision)
+from bundles.scripts.networks import (BasicBlockD, MirrorTTA, PlainConvUNet, ResidualEncoderUNet, dynunet_from_plan,
+                                      dynunet_is_exact, load_initial_weights, network_from_plan, nnunet_state_dict,
+                                      plain_from_plan, split_deep_supervision)
 from conftest import HIPPOCAMPUS_PLANS, ROOT
 
 # torch 2.13 deprecates TorchScript, which bundles still need; torch's own shape checks warn while tracing
@@ -431,47 +431,6 @@ def test_dynunet_only_where_it_is_exact():
     two_stages = {**iso, "kernel_sizes": [[3, 3, 3]] * 2, "strides": [[1, 1, 1], [2, 2, 2]],
                   "features_per_stage": [4, 8], "n_conv_per_stage": [2, 2], "n_conv_per_stage_decoder": [2]}
     assert isinstance(network_from_plan(plan(two_stages), 1, 2), PlainConvUNet)
-
-
-CPU_ARCHS = {
-    "dynunet": {"network_class_name": "PlainConvUNet", "arch_kwargs": {
-        "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "features_per_stage": [4, 8, 16],
-        "n_conv_per_stage": [2] * 3, "n_conv_per_stage_decoder": [2] * 2, "conv_bias": True}},
-    "plain_anisotropic": {"network_class_name": "PlainConvUNet", "arch_kwargs": {
-        "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3]], "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-        "features_per_stage": [4, 8, 16], "n_conv_per_stage": [2] * 3, "n_conv_per_stage_decoder": [1] * 2,
-        "conv_bias": True}},
-    "resenc": {"network_class_name": "ResidualEncoderUNet", "arch_kwargs": {
-        **TINY, "kernel_sizes": [[3, 3, 3]] * 3, "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "conv_bias": True}},
-}
-
-
-@pytest.mark.skipif(not CPU_KERNELS, reason="the fast CPU kernels are used only on x86-64 with mkldnn")
-@pytest.mark.parametrize("arch", sorted(CPU_ARCHS))
-def test_cpu_inference_convolutions(arch):
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.manual_seed(0)
-    net = network_from_plan(CPU_ARCHS[arch], 1, 3).eval()
-    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d)]
-    assert convs and all(type(m) is CpuInferenceConv3d for m in convs)
-    assert all(k.endswith((".weight", ".bias")) for k in net.state_dict())  # nn.Conv3d's parameters, no others
-    x = torch.randn(1, 1, 8, 24, 24)  # batch 1, small: torch's own dispatch takes slow_conv3d here
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        fast = net(x)
-    ops = {e.key for e in prof.key_averages()}
-    assert "aten::slow_conv3d_forward" not in ops and "aten::addmm" in ops  # 1x1x1 heads: a matrix product
-    kernels = sum(1 for m in convs if list(m.kernel_size) != [1, 1, 1])  # every one runs once: oneDNN
-    assert sum(e.count for e in prof.key_averages() if e.key == "aten::mkldnn_convolution") == kernels
-    with torch.enable_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        reference = net(x).detach()  # grad enabled: nn.Conv3d's own dispatch
-    assert "aten::slow_conv3d_forward" in {e.key for e in prof.key_averages()}
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(torch.jit.script(net)(x), reference, atol=1e-5, rtol=1e-4)
-    pair = torch.cat([x, x.flip(-1)])  # a batch of two windows
-    with torch.no_grad():
-        fast = net(pair)
-    torch.testing.assert_close(fast, net(pair).detach(), atol=1e-5, rtol=1e-4)
 
 
 @requires_plans

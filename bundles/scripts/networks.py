@@ -18,7 +18,6 @@ return one ``(B, C, *spatial)`` tensor. ``split_deep_supervision`` also accepts 
 
 import itertools
 import logging
-import platform
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -29,56 +28,6 @@ _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _NORM = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 _POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
-
-
-def _cpu_inference(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether ``module`` takes its fast CPU path for ``x``: float32 inference on an x86-64 CPU, outside TorchScript,
-    tracing and export (the caller has checked ``torch.jit.is_scripting()``)."""
-    return (CPU_KERNELS and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str) and module.groups == 1 and set(module.dilation) == {1})
-
-
-CPU_KERNELS = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-
-
-class CpuInferenceConv3d(nn.Conv3d):
-    """``nn.Conv3d`` with faster kernels for CPU float32 inference on x86-64; outputs equal up to float rounding.
-
-    - PyTorch's CPU dispatch chooses oneDNN for a 3-D convolution by a rule written for 2-D inputs (batch > 1 or
-      N*C*D*H > 20480), so with one window at a time a U-Net's deeper layers fall to the unoptimised
-      ``slow_conv3d``, 3-8x slower per layer; this calls oneDNN directly.
-    - A 1x1x1 convolution (the segmentation head) is a matrix product over channels, 5-20x faster than oneDNN's
-      kernel for a few output channels (234 ms against 47 ms for 32 -> 3 channels on a 128**3 window).
-
-    Training (grad enabled), GPUs, other dtypes, TorchScript, tracing and export take ``nn.Conv3d``'s own path;
-    parameters and state-dict keys are ``nn.Conv3d``'s. ``docs/benchmarks.md`` has the CPU benchmark's figures.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():  # TorchScript compiles only the other branch
-            if _cpu_inference(x, self):
-                x = x.contiguous()
-                if list(self.kernel_size) != [1, 1, 1] or list(self.stride) != [1, 1, 1] or any(self.padding):
-                    return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
-                                                             self.dilation, self.groups)
-                out = x.new_empty((x.shape[0], self.out_channels, *x.shape[2:]))
-                weight = self.weight.view(self.out_channels, -1)
-                for image, result in zip(x.view(*x.shape[:2], -1), out.view(*out.shape[:2], -1)):
-                    if self.bias is None:
-                        torch.mm(weight, image, out=result)
-                    else:
-                        torch.addmm(self.bias.view(-1, 1), weight, image, out=result)
-                return out
-        return self._conv_forward(x, self.weight, self.bias)
-
-
-def with_cpu_inference_convolutions(network: nn.Module) -> nn.Module:
-    """``network`` with every plain ``nn.Conv3d`` made a ``CpuInferenceConv3d`` (in place; MONAI's DynUNet too)."""
-    for module in network.modules():
-        if type(module) is nn.Conv3d:
-            module.__class__ = CpuInferenceConv3d
-    return network
 
 
 def _per_axis(value, spatial_dims: int) -> List[int]:
@@ -570,7 +519,7 @@ def network_from_plan(plan_configuration: dict, in_channels: int, out_channels: 
     -> ours. ``out_channels`` is the number of label keys (or regions); ``in_channels`` the number of image channels
     (plus one-hot previous stage for a cascade). With a ``classification_head`` the network also classifies the
     case (``scripts.classification.multitask_from_plan``); the templates pass the bundle's ids, null in a
-    segmentation-only bundle. Its 3-D convolutions are ``CpuInferenceConv3d``.
+    segmentation-only bundle.
     """
     if classification_head:
         from .classification import multitask_from_plan
@@ -587,7 +536,7 @@ def network_from_plan(plan_configuration: dict, in_channels: int, out_channels: 
         builder = resenc_from_plan
     else:
         raise ValueError(f"unsupported network_class_name {arch['network_class_name']!r}")
-    return with_cpu_inference_convolutions(builder(kwargs, in_channels, out_channels, deep_supervision))
+    return builder(kwargs, in_channels, out_channels, deep_supervision)
 
 
 def split_deep_supervision(output, spatial_dims: int) -> List[torch.Tensor]:
