@@ -33,7 +33,7 @@ times and peaks come from separate runs):
   (``--ours-envs``): ``ours``, this interpreter with the development install (``requirements.txt``: mlflow,
   matplotlib, tensorboard, Ray...), and ``ours_inference``, a venv in the work folder with only
   ``requirements-inference.txt``, as a CPU inference machine would install it. MONAI imports every optional package
-  it finds, so the two differ by about 4 s of start-up and exit; nnU-Net runs in its own venv, which holds only
+  it finds, so the two differ by 3–4 s of start-up and exit; nnU-Net runs in its own venv, which holds only
   nnunetv2 and its dependencies.
 
 Then the label maps are compared (voxel agreement, Dice per label); the default training (250 + 300 iterations,
@@ -182,8 +182,7 @@ def ensure_inference_venv(work: Path, log: Path) -> Path:
     """A venv with only ``requirements-inference.txt`` (and this interpreter's torch): a CPU inference machine's
     install. Rebuilt when that file changes; returns its python."""
     import hashlib
-
-    import torch
+    from importlib.metadata import version
 
     requirements = bu.REPO / "requirements-inference.txt"
     venv = work / "inference-venv"
@@ -193,7 +192,7 @@ def ensure_inference_venv(work: Path, log: Path) -> Path:
     if not python.is_file() or not stamp.is_file() or stamp.read_text() != digest:
         shutil.rmtree(venv, ignore_errors=True)
         _run([sys.executable, "-m", "venv", venv], log=log)
-        _run([python, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}"], log=log)
+        _run([python, "-m", "pip", "install", "-q", f"torch=={version('torch').split('+')[0]}"], log=log)
         _run([python, "-m", "pip", "install", "-q", "-r", requirements], log=log)
         stamp.write_text(digest)
     return python

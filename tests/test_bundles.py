@@ -492,6 +492,7 @@ def test_inference_needs_only_requirements_inference(trained_3d, tmp_path):
     inference, full = _requirement_names(ROOT / "requirements-inference.txt"), _requirement_names(
         ROOT / "requirements.txt")
     assert inference < full
+    assert full - inference <= set(IMPORT_NAMES), "a new package in requirements.txt needs its import name here"
     blocked = sorted(IMPORT_NAMES[n] for n in set(IMPORT_NAMES) - inference)
     assert {"mlflow", "matplotlib", "SimpleITK", "ray", "tensorboard"} <= set(blocked)
     raw, bundle = trained_3d
