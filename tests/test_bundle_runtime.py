@@ -2,11 +2,15 @@
 TTA inferer, loss and pseudo-Dice."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from autoplan.emit import augmentation_settings
 from bundles.scripts.data import PatchDataset, initial_patch_size
 from bundles.scripts.inference import NnUNetInferer
@@ -227,6 +231,72 @@ def test_inferer_runs_2d_networks_slice_by_slice():
                        for dims in [(), (2,), (3,), (2, 3)]) / 4
         torch.testing.assert_close(mirrored[:, :, 2], expected, rtol=1e-5, atol=1e-5)
     assert out.shape == (1, 3, 5, 10, 9)
+
+
+MALLOC_PROBE = """
+import ctypes, os, sys
+sys.path.insert(0, {root!r})
+from bundles.scripts.inference import keep_freed_memory
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+
+def kept(size=48 << 20):  # is a freed 48 MiB block still the process's free memory?
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    before = libc.mallinfo2().fordblks
+    libc.free(block)
+    return libc.mallinfo2().fordblks - before >= size
+
+os.environ["MALLOC_TRIM_THRESHOLD_"] = "131072"
+first = keep_freed_memory()
+del os.environ["MALLOC_TRIM_THRESHOLD_"]
+print(kept(), first, keep_freed_memory(), kept())
+"""
+
+
+@pytest.mark.skipif(not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"), reason="glibc's malloc only")
+def test_cpu_inference_keeps_freed_blocks_for_reuse_unless_the_user_set_malloc():
+    """glibc hands a freed 48 MiB block back to the kernel; after keep_freed_memory (which the CPU sliding window
+    calls) the process keeps it for the next pass. A malloc setting in the environment is left alone."""
+    out = subprocess.run([sys.executable, "-c", MALLOC_PROBE.format(root=str(ROOT))], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False", "True", "True"]
+
+
+EXIT_PROBE = """
+import gc, sys
+sys.path.insert(0, {root!r})
+from bundles.scripts.inference import skip_collection_at_exit
+
+gc.disable()
+class Loud:
+    def __del__(self):
+        print("collected", flush=True)
+cycle = Loud()
+cycle.self = cycle
+del cycle
+if {skip}:
+    skip_collection_at_exit()
+    skip_collection_at_exit()
+print("end", flush=True)
+"""
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_inference_finalize_skips_the_exit_collection(skip):
+    """Garbage left at exit is collected by the interpreter (its finalizer runs) unless the inference config's
+    finalize has called skip_collection_at_exit; calling it twice is harmless."""
+    assert "$scripts.inference.skip_collection_at_exit()" in json.loads(
+        (ROOT / "bundles/templates/inference.json").read_text())["finalize"]
+    out = subprocess.run([sys.executable, "-c", EXIT_PROBE.format(root=str(ROOT), skip=skip)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == (["end"] if skip else ["end", "collected"])
 
 
 def test_pseudo_dice_sums_counts_and_keeps_an_ema():

@@ -9,7 +9,10 @@ that calls ``inferer(inputs, network)`` gets nnU-Net's prediction.
 
 from __future__ import annotations
 
+import atexit
 import collections
+import ctypes
+import gc
 import itertools
 import json
 import logging
@@ -70,6 +73,39 @@ def gaussian_importance(tile_size, sigma_scale: float = 0.125) -> np.ndarray:
     if np.any(weights == 0):
         weights[weights == 0] = weights[weights > 0].min()
     return weights
+
+
+_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_malloc_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Lets glibc's malloc keep freed blocks of up to 64 MiB (and 128 MiB of free memory at the heap's top) for
+    reuse, once per process; True when it is set. A CPU sliding window allocates and frees the same activation
+    buffers in every pass. By default glibc hands blocks above an adaptive threshold (32 MiB at most) back to the
+    kernel and faults them in again on the next pass: a fifth of a window pass of Hippocampus' 3d_fullres network
+    on this project's CPU benchmark machine (docs/benchmarks.md). Off glibc, or when the user set malloc's
+    thresholds in the environment, it does nothing."""
+    global _malloc_tuned
+    if not _malloc_tuned and not any(k in os.environ for k in _MALLOC_ENV):
+        try:
+            glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+        except (ValueError, OSError, AttributeError):
+            glibc = ""
+        if glibc.startswith("glibc"):
+            libc = ctypes.CDLL(None)
+            m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+            _malloc_tuned = bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(
+                libc.mallopt(m_trim_threshold, 128 << 20))
+    return _malloc_tuned
+
+
+def skip_collection_at_exit() -> None:
+    """At interpreter exit, skips the final garbage collection over every object alive now (the OS frees the memory
+    anyway): with torch and MONAI loaded that collection takes about a second. Called from an inference config's
+    ``finalize``; it changes nothing before the process exits."""
+    atexit.unregister(gc.freeze)  # once, however often a process finalizes
+    atexit.register(gc.freeze)
 
 
 class NnUNetInferer(SlidingWindowInferer):
@@ -139,6 +175,8 @@ class NnUNetInferer(SlidingWindowInferer):
             network = MirrorTTA(network, self.mirror_axes)
         device = torch.device(kwargs.pop("device", None) or self.device or inputs.device)
         sw_device = torch.device(self.sw_device or inputs.device)
+        if sw_device.type == "cpu":
+            keep_freed_memory()
         meta = inputs if isinstance(inputs, MetaTensor) else None
         x = inputs.as_tensor() if meta is not None else torch.as_tensor(inputs)
         tile = [int(t) for t in self.roi_size]
