@@ -83,8 +83,9 @@ def keep_freed_memory() -> bool:
     """Lets glibc's malloc keep freed blocks of up to 64 MiB (and 128 MiB of free memory at the heap's top) for
     reuse, once per process; True when it is set. A CPU sliding window allocates and frees the same activation
     buffers in every pass. By default glibc hands blocks above an adaptive threshold (32 MiB at most) back to the
-    kernel and faults them in again on the next pass: a fifth of a window pass of Hippocampus' 3d_fullres network
-    on this project's CPU benchmark machine (docs/benchmarks.md). Off glibc, or when the user set malloc's
+    kernel and faults them in again on the next pass, which cost 6-9 % of a TTA call of Hippocampus' 3d_fullres
+    network and 10-15 % of the CPU benchmark's sliding window (docs/benchmarks.md); blocks above 64 MiB, as in
+    networks with 32 features on 128**3 windows, are still handed back. Off glibc, or when the user set malloc's
     thresholds in the environment, it does nothing."""
     global _malloc_tuned
     if not _malloc_tuned and not any(k in os.environ for k in _MALLOC_ENV):
