@@ -236,7 +236,7 @@ def test_inferer_runs_2d_networks_slice_by_slice():
 MALLOC_PROBE = """
 import ctypes, os, sys
 sys.path.insert(0, {root!r})
-from bundles.scripts.inference import keep_freed_memory
+from bundles.scripts.inference import keep_freed_memory, release_freed_memory
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -256,16 +256,20 @@ os.environ["MALLOC_TRIM_THRESHOLD_"] = "131072"
 first = keep_freed_memory()
 del os.environ["MALLOC_TRIM_THRESHOLD_"]
 print(kept(), first, keep_freed_memory(), kept())
+before = libc.mallinfo2().fordblks
+release_freed_memory()
+print(before - libc.mallinfo2().fordblks >= 48 << 20)
 """
 
 
 @pytest.mark.skipif(not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"), reason="glibc's malloc only")
 def test_cpu_inference_keeps_freed_blocks_for_reuse_unless_the_user_set_malloc():
     """glibc hands a freed 48 MiB block back to the kernel; after keep_freed_memory (which the CPU sliding window
-    calls) the process keeps it for the next pass. A malloc setting in the environment is left alone."""
+    calls) the process keeps it for the next pass, until release_freed_memory (at the window's end) hands it back. A
+    malloc setting in the environment is left alone."""
     out = subprocess.run([sys.executable, "-c", MALLOC_PROBE.format(root=str(ROOT))], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["False", "False", "True", "True"]
+    assert out.stdout.split() == ["False", "False", "True", "True", "True"]
 
 
 EXIT_PROBE = """

@@ -101,6 +101,13 @@ def keep_freed_memory() -> bool:
     return _malloc_tuned
 
 
+def release_freed_memory() -> None:
+    """Hands the free memory that ``keep_freed_memory`` kept back to the kernel (glibc's ``malloc_trim``), so that
+    the steps after a sliding window do not carry its buffers."""
+    if _malloc_tuned:
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def skip_collection_at_exit() -> None:
     """At interpreter exit, skips the final garbage collection over every object alive now (the OS frees the memory
     anyway): with torch and MONAI loaded that collection takes about a second. Called from an inference config's
@@ -207,6 +214,8 @@ class NnUNetInferer(SlidingWindowInferer):
                     if b == 0:
                         count[s] += weights.to(device)
         total /= count
+        if sw_device.type == "cpu":
+            release_freed_memory()
         if any(pad):
             total = total[(slice(None), slice(None), *[slice(p // 2, p // 2 + s) for p, s in zip(pad, original)])]
         if meta is not None:
