@@ -33,7 +33,7 @@ times and peaks come from separate runs):
   (``--ours-envs``): ``ours``, this interpreter with the development install (``requirements.txt``: mlflow,
   matplotlib, tensorboard, Ray...), and ``ours_inference``, a venv in the work folder with only
   ``requirements-inference.txt``, as a CPU inference machine would install it. MONAI imports every optional package
-  it finds, so the two differ by 3–4 s of start-up and exit; nnU-Net runs in its own venv, which holds only
+  it finds, so the two differ by 3–5 s of start-up and exit; nnU-Net runs in its own venv, which holds only
   nnunetv2 and its dependencies.
 
 Then the label maps are compared (voxel agreement, Dice per label); the default training (250 + 300 iterations,

@@ -39,17 +39,17 @@ PLANS = bu.REFERENCE_PLANS_ROOT / "Dataset004_Hippocampus" / "nnUNetPlans.json"
 
 
 def build(network: str):
-    """(network, input shape, whether a call is the 8 TTA passes) from Hippocampus' 3d_fullres plan."""
+    """(network, input shape) from Hippocampus' 3d_fullres plan; the Hippocampus one wrapped in mirroring TTA."""
     from bundles.scripts.networks import MirrorTTA, network_from_plan
 
     config = json.loads(PLANS.read_text())["configurations"]["3d_fullres"]
     if network == "hippocampus":
-        return MirrorTTA(network_from_plan(config, 1, 3, False).eval(), (0, 1, 2)), config["patch_size"], True
+        return MirrorTTA(network_from_plan(config, 1, 3, False).eval(), (0, 1, 2)), config["patch_size"]
     config = copy.deepcopy(config)
     arch = config["architecture"]["arch_kwargs"]
     arch.update(n_stages=6, features_per_stage=[32, 64, 128, 256, 320, 320], kernel_sizes=[[3, 3, 3]] * 6,
                 strides=[[1, 1, 1]] + [[2, 2, 2]] * 5, n_conv_per_stage=[2] * 6, n_conv_per_stage_decoder=[2] * 5)
-    return network_from_plan(config, 1, 3, False).eval(), [128, 128, 128], False
+    return network_from_plan(config, 1, 3, False).eval(), [128, 128, 128]
 
 
 def one(args) -> int:
@@ -60,7 +60,7 @@ def one(args) -> int:
     from bundles.scripts.inference import keep_freed_memory
 
     kept = keep_freed_memory() if args.keep == "on" else False
-    net, shape, _ = build(args.network)
+    net, shape = build(args.network)
     x = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(0))
     times = []
     with torch.inference_mode():

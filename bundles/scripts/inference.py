@@ -76,7 +76,7 @@ def gaussian_importance(tile_size, sigma_scale: float = 0.125) -> np.ndarray:
 
 
 _MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-_malloc_tuned = False
+_tuned_libc = None  # the C library whose malloc keep_freed_memory has set; None until then
 
 
 def keep_freed_memory() -> bool:
@@ -87,8 +87,8 @@ def keep_freed_memory() -> bool:
     network and 10-15 % of the CPU benchmark's sliding window (docs/benchmarks.md); blocks above 64 MiB, as in
     networks with 32 features on 128**3 windows, are still handed back. Off glibc, or when the user set malloc's
     thresholds in the environment, it does nothing."""
-    global _malloc_tuned
-    if not _malloc_tuned and not any(k in os.environ for k in _MALLOC_ENV):
+    global _tuned_libc
+    if _tuned_libc is None and not any(k in os.environ for k in _MALLOC_ENV):
         try:
             glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
         except (ValueError, OSError, AttributeError):
@@ -96,16 +96,16 @@ def keep_freed_memory() -> bool:
         if glibc.startswith("glibc"):
             libc = ctypes.CDLL(None)
             m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-            _malloc_tuned = bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(
-                libc.mallopt(m_trim_threshold, 128 << 20))
-    return _malloc_tuned
+            if libc.mallopt(m_mmap_threshold, 64 << 20) and libc.mallopt(m_trim_threshold, 128 << 20):
+                _tuned_libc = libc
+    return _tuned_libc is not None
 
 
 def release_freed_memory() -> None:
     """Hands the free memory that ``keep_freed_memory`` kept back to the kernel (glibc's ``malloc_trim``), so that
     the steps after a sliding window do not carry its buffers."""
-    if _malloc_tuned:
-        ctypes.CDLL(None).malloc_trim(0)
+    if _tuned_libc is not None:
+        _tuned_libc.malloc_trim(0)
 
 
 def skip_collection_at_exit() -> None:
